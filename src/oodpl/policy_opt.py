@@ -1,0 +1,59 @@
+"""KL-regularised RLOO policy optimisation: ONE implementation shared by the inner loop of meta-training and by the
+meta-test optimiser (method.md, "Inner problem" and "Meta-test").
+
+    R_j = r(x, y_j) - beta * (log pi_theta(y_j|x) - log pi_ref(y_j|x))
+    A_j = R_j - mean_{i != j} R_i
+    g   = - 1/(B n) sum_x sum_j w_j A_j grad_theta log pi_theta(y_j|x)
+
+w_j = pi_theta(y_j|x) / pi_behaviour(y_j|x) (clipped) are importance weights; they are 1 for on-policy samples and
+for bank samples at theta_0 = theta_ref.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .objectives import kl_k1, rloo_advantages
+
+LogprobFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def importance_weights(logp: torch.Tensor, behaviour_logp: torch.Tensor, clip: float | None) -> torch.Tensor:
+    w = torch.exp(logp - behaviour_logp)
+    return w.clamp(max=clip) if clip else w
+
+
+def rloo_coefficients(rewards: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
+                      behaviour_logp: torch.Tensor, beta: float, n: int, clip: float | None) -> torch.Tensor:
+    """c_j = - w_j A_j / (B n), so that g = sum_j c_j grad log pi(y_j). Differentiable in rewards and logp."""
+    total = rewards - beta * kl_k1(logp, ref_logp)
+    adv = rloo_advantages(total.reshape(-1, n)).reshape(-1)
+    w = importance_weights(logp, behaviour_logp, clip)
+    return -(w * adv) / adv.numel()
+
+
+def policy_gradient(logp_fn: LogprobFn, theta: dict[str, torch.Tensor], rewards: torch.Tensor,
+                    ref_logp: torch.Tensor, behaviour_logp: torch.Tensor, beta: float, n: int,
+                    clip: float | None = None, create_graph: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """g_d(theta, r): the RLOO estimate of grad_theta L_in. With create_graph the result stays differentiable in
+    theta and in the reward values (used by the `unrolled` hypergradient); otherwise rewards act as constants."""
+    logp = logp_fn(theta)
+    coef_logp = logp if create_graph else logp.detach()
+    coef = rloo_coefficients(rewards, coef_logp, ref_logp, behaviour_logp, beta, n, clip)
+    # sum_j c_j grad log pi_j in one backward pass: a vector-Jacobian product with c as the output cotangent.
+    grads = torch.autograd.grad(logp, list(theta.values()), grad_outputs=coef, create_graph=create_graph,
+                                allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(theta.values(), grads)]
+    with torch.no_grad():
+        kl = kl_k1(logp, ref_logp)
+        stats = {"reward": float(rewards.mean()), "kl": float(kl.mean()),
+                 "objective": float((rewards - beta * kl).mean())}
+    return dict(zip(theta, grads)), stats
+
+
+def sgd_step(theta: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lr: float) -> dict[str, torch.Tensor]:
+    """theta_{k+1} = theta_k - alpha * g (functional; keeps the graph if the inputs have one)."""
+    return {k: theta[k] - lr * grads[k] for k in theta}

@@ -1,0 +1,220 @@
+"""Token layout, policy log-probabilities, batched sampling, and the reference-sample bank.
+
+Every sequence is laid out left-padded: [pad ... pad | prompt tokens | response tokens], with `response_mask` marking the
+response. Position ids come from the attention mask, so a sequence scores the same whatever its padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .objectives import sequence_logprobs
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: torch.Tensor  # [N, T]
+    attention_mask: torch.Tensor  # [N, T]
+    response_mask: torch.Tensor  # [N, T]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, chat_template: bool = False) -> list[list[int]]:
+    """Prompt token ids (chat template optional); long prompts keep their last `max_tokens` tokens."""
+    out = []
+    for p in prompts:
+        if chat_template and getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+                ids = [tokenizer.bos_token_id] + ids
+        out.append(list(ids)[-max_tokens:] if max_tokens else list(ids))
+    return out
+
+
+def encode_responses(tokenizer, prompts: list[str], responses: list[str], max_tokens: int,
+                     chat_template: bool = False) -> list[list[int]]:
+    """Response token ids for human-written responses; a separating space is added where the text needs one."""
+    out = []
+    for p, r in zip(prompts, responses):
+        if not chat_template and p and r and not p[-1].isspace() and not r[0].isspace():
+            r = " " + r
+        ids = tokenizer(r, add_special_tokens=False)["input_ids"]
+        if chat_template and tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        out.append(list(ids)[:max_tokens])
+    return out
+
+
+def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> SequenceBatch:
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+    T = max(len(s) for s in seqs)
+    N = len(seqs)
+    input_ids = torch.full((N, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((N, T), dtype=torch.long)
+    response = torch.zeros((N, T), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        L = len(p) + len(r)
+        input_ids[i, T - L:] = torch.tensor(p + r, dtype=torch.long)
+        attention[i, T - L:] = 1
+        response[i, T - len(r):] = 1 if r else 0
+    return SequenceBatch(input_ids, attention, response)
+
+
+def second_order():
+    """Context for passes that are differentiated twice: PyTorch's fused CPU/GPU attention kernels have no double
+    backward, the math kernel does (same values)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def policy_logprobs(model: nn.Module, batch: SequenceBatch, params: dict[str, torch.Tensor] | None = None,
+                    chunk: int | None = None) -> torch.Tensor:
+    """log pi(y|x) per row; with `params`, pi is evaluated at those tensors (torch.func.functional_call)."""
+    dev = next(model.parameters()).device
+
+    def run(sl: slice) -> torch.Tensor:
+        kwargs = dict(input_ids=batch.input_ids[sl].to(dev), attention_mask=batch.attention_mask[sl].to(dev),
+                      position_ids=batch.position_ids[sl].to(dev), use_cache=False)
+        if params is None:
+            logits = model(**kwargs).logits
+        else:
+            logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False).logits
+        return sequence_logprobs(logits, kwargs["input_ids"], batch.response_mask[sl].to(dev))
+
+    n = len(batch)
+    if chunk is None or chunk >= n:
+        return run(slice(None))
+    return torch.cat([run(slice(i, i + chunk)) for i in range(0, n, chunk)])
+
+
+@torch.no_grad()
+def sample_responses(model: nn.Module, tokenizer, prompt_ids: list[list[int]], n: int, max_new_tokens: int,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 16,
+                     generator_seed: int | None = None, progress: bool = False, desc: str = "sampling"
+                     ) -> list[list[list[int]]]:
+    """n sampled responses (token ids, cut after the first EOS) per prompt, KV-cached batched generation.
+
+    With temperature 1, top_k 0 and top_p 1 the samples come from pi itself, which the importance weights assume.
+    """
+    dev = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    out: list[list[list[int]]] = []
+    per_call = max(1, batch_size // n)
+    bar = tqdm(total=len(prompt_ids), desc=desc, disable=not progress, unit="prompt")
+    for i in range(0, len(prompt_ids), per_call):
+        chunk = prompt_ids[i:i + per_call]
+        batch = collate(chunk, [[] for _ in chunk], pad)
+        gen = model.generate(
+            input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev), do_sample=True,
+            num_return_sequences=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, pad_token_id=pad, eos_token_id=eos,
+        )
+        new = gen[:, batch.input_ids.shape[1]:].tolist()
+        for j in range(len(chunk)):
+            responses = []
+            for row in new[j * n:(j + 1) * n]:
+                if eos is not None and eos in row:
+                    row = row[: row.index(eos) + 1]
+                responses.append(row)
+            out.append(responses)
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+@dataclass
+class Samples:
+    """B prompts x n responses, flattened prompt-major (row i belongs to prompt i // n)."""
+
+    prompts: list[str]  # length B
+    responses: list[str]  # length B*n (decoded)
+    batch: SequenceBatch  # policy tokens, B*n rows
+    ref_logp: torch.Tensor  # [B*n] log pi_ref(y|x), cached
+    behaviour_logp: torch.Tensor  # [B*n] log-prob under the policy that drew the samples
+    n: int
+    rm_encoding: dict[str, torch.Tensor] | None = None
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    def repeated_prompts(self) -> list[str]:
+        return [p for p in self.prompts for _ in range(self.n)]
+
+
+@dataclass
+class SampleBank:
+    """Reference-policy samples for one domain's support prompts: generated once, stored with the run, reused."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[list[int]]]  # [prompt][sample] token ids
+    responses: list[list[str]]
+    ref_logp: torch.Tensor  # [P, n]
+    n: int
+    meta: dict = field(default_factory=dict)
+
+    def select(self, prompt_indices: list[int], pad_id: int, rm=None) -> Samples:
+        rows_p = [self.prompt_ids[i] for i in prompt_indices for _ in range(self.n)]
+        rows_r = [r for i in prompt_indices for r in self.response_ids[i]]
+        batch = collate(rows_p, rows_r, pad_id)
+        ref = self.ref_logp[prompt_indices].reshape(-1)
+        prompts = [self.prompts[i] for i in prompt_indices]
+        responses = [t for i in prompt_indices for t in self.responses[i]]
+        s = Samples(prompts, responses, batch, ref, ref.clone(), self.n)
+        if rm is not None:
+            s.rm_encoding = rm.encode(s.repeated_prompts(), responses)
+        return s
+
+    def save(self, path: Path) -> None:
+        from .errors import atomic_write_bytes
+
+        import io
+
+        buf = io.BytesIO()
+        torch.save(self.__dict__, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> "SampleBank":
+        return cls(**torch.load(path, weights_only=False))
+
+
+def build_bank(policy, prompts: list[str], n: int, seed: int, progress: bool = False, desc: str = "bank",
+               batch_size: int = 16) -> SampleBank:
+    """Sample n responses per prompt from pi_ref and score their reference log-probabilities once."""
+    cfg = policy.config
+    tok = policy.tokenizer
+    prompt_ids = encode_prompts(tok, prompts, cfg.max_prompt_tokens, cfg.chat_template)
+    with policy.reference() as ref:
+        response_ids = sample_responses(ref, tok, prompt_ids, n, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                        cfg.top_p, batch_size=batch_size, generator_seed=seed, progress=progress,
+                                        desc=desc)
+        rows_p = [p for p, rs in zip(prompt_ids, response_ids) for _ in rs]
+        rows_r = [r for rs in response_ids for r in rs]
+        with torch.no_grad():
+            ref_logp = policy_logprobs(ref, collate(rows_p, rows_r, tok.pad_token_id), chunk=batch_size)
+    texts = [[tok.decode(r, skip_special_tokens=True) for r in rs] for rs in response_ids]
+    return SampleBank(prompts, prompt_ids, response_ids, texts, ref_logp.reshape(len(prompts), n).cpu(), n,
+                      {"seed": seed})

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random policy / reward model in float64 and a small bilevel problem built on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oodpl.bilevel import DomainTask, make_preference_batch
+from oodpl.config import MetaConfig, PolicyConfig, RewardConfig, RLOOConfig
+from oodpl.models import load_policy, load_reward_model
+from oodpl.sampling import build_bank
+
+PROMPTS = ["the film was", "my order came", "service here is", "i think that", "the plot felt", "overall it"]
+PAIRS = [
+    ("the film was", "truly wonderful and fun", "dull and a waste"),
+    ("my order came", "early and well packed", "broken, never again"),
+    ("service here is", "kind and quick", "rude and slow"),
+]
+
+
+def tiny_models(dtype: str = "float64", seed: int = 0, trainable: str = "lora"):
+    pcfg = PolicyConfig(name_or_path="tiny-random", dtype=dtype, max_new_tokens=6, max_prompt_tokens=16,
+                        trainable=trainable, lora_r=2, lora_alpha=4)
+    policy = load_policy(pcfg, seed=seed)
+    rm = load_reward_model(RewardConfig(name_or_path="tiny-random", dtype=dtype, max_length=64), seed=seed)
+    return policy, rm
+
+
+def tiny_tasks(policy, rm, K: int = 1, n: int = 3, B: int = 2, domains: int = 2, seed: int = 0):
+    """Meta-batch of `domains` tasks with K inner sample batches each, drawn from a bank of pi_ref samples."""
+    bank = build_bank(policy, PROMPTS, n=n, seed=seed)
+    tasks = []
+    for d in range(domains):
+        inner = [bank.select([(d + 2 * k + i) % len(PROMPTS) for i in range(B)], policy.tokenizer.pad_token_id, rm)
+                 for k in range(K)]
+        p, c, r = zip(*PAIRS)
+        tasks.append(DomainTask(f"d{d}", inner, make_preference_batch(policy, rm, list(p), list(c), list(r))))
+    return tasks
+
+
+@pytest.fixture
+def tiny64():
+    torch.manual_seed(0)
+    return tiny_models("float64")
