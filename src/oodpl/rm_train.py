@@ -1,0 +1,102 @@
+"""Ordinary Bradley-Terry reward-model training on pooled pairs (`oodpl train-rm`; the erm-rm and oracle-rm baselines).
+
+A plain loop on purpose: one objective (objectives.bradley_terry_loss), AdamW, accelerate for devices/processes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainRMConfig
+from .data.records import PairRecord
+from .models import RewardModel
+from .objectives import bradley_terry_loss, pair_accuracy
+
+
+def split_eval(pairs: list[PairRecord], fraction: float, seed: int) -> tuple[list[PairRecord], list[PairRecord]]:
+    """Hold back `fraction` of each domain's pairs (at least one when the domain has two or more) for accuracy."""
+    by_domain: dict[str, list[PairRecord]] = defaultdict(list)
+    for p in pairs:
+        by_domain[p.domain].append(p)
+    rng = random.Random(seed)
+    train, held = [], []
+    for d in sorted(by_domain):
+        items = list(by_domain[d])
+        rng.shuffle(items)
+        k = int(round(fraction * len(items))) if fraction > 0 else 0
+        if fraction > 0 and len(items) >= 2:
+            k = max(1, k)
+        held += items[:k]
+        train += items[k:]
+    return train, held
+
+
+@torch.no_grad()
+def score_pairs(rm: RewardModel, pairs: list[PairRecord], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    rc, rr = [], []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        prompts = [p.prompt for p in chunk]
+        rc.append(rm.score(prompts, [p.chosen for p in chunk]).float().cpu())
+        rr.append(rm.score(prompts, [p.rejected for p in chunk]).float().cpu())
+    if not rc:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(rc), torch.cat(rr)
+
+
+def accuracy_by_domain(rm: RewardModel, pairs: list[PairRecord]) -> dict[str, float]:
+    rc, rr = score_pairs(rm, pairs)
+    out: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        out[p.domain].append(i)
+    return {d: pair_accuracy(rc[idx], rr[idx]) for d, idx in sorted(out.items())}
+
+
+def train_reward_model(rm: RewardModel, pairs: list[PairRecord], cfg: TrainRMConfig, seed: int = 0,
+                       accelerator=None, progress: bool = True, log=None) -> dict:
+    """Minimise BT(r_phi; pairs) with AdamW; returns {"steps", "train_loss", "seconds"}. `log(step, dict)` is called
+    every step when given."""
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    model = rm.model
+    model.train(False)  # dropout off: the same r_phi the bilevel method and the meta-test see
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    model, opt = accelerator.prepare(model, opt)
+    rng = random.Random(seed)
+    order = list(range(len(pairs)))
+    steps_per_epoch = max(1, (len(pairs) + cfg.batch_size - 1) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    bar = tqdm(total=total, desc="train-rm", disable=not progress or not accelerator.is_main_process, unit="step")
+    start, step, losses = time.time(), 0, []
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for _ in range(cfg.epochs):
+        rng.shuffle(order)
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank::world]  # each process its share
+            chunk = [pairs[i] for i in idx] or [pairs[order[0]]]
+            prompts = [p.prompt for p in chunk]
+            enc_c = rm.encode(prompts, [p.chosen for p in chunk])
+            enc_r = rm.encode(prompts, [p.rejected for p in chunk])
+            dev = accelerator.device
+            r_c = model(**{k: v.to(dev) for k, v in enc_c.items()}).logits.squeeze(-1)
+            r_r = model(**{k: v.to(dev) for k, v in enc_r.items()}).logits.squeeze(-1)
+            loss = bradley_terry_loss(r_c, r_r)
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt.step()
+            step += 1
+            losses.append(float(loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if log is not None:
+                log(step, {"bt_loss": losses[-1]})
+    bar.close()
+    rm.model = accelerator.unwrap_model(model)
+    return {"steps": step, "train_loss": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
+            "seconds": time.time() - start}
