@@ -23,6 +23,7 @@ import torch
 from .config import MetaConfig, RLOOConfig, resolved_hypergrad
 from .models import Policy, RewardModel
 from .objectives import bradley_terry_loss, dpo_loss, pair_accuracy, rloo_advantages
+from .runlog import phase
 from .policy_opt import importance_weights, policy_gradient, sgd_step
 from .sampling import (Samples, SequenceBatch, collate, encode_prompts, encode_responses, policy_logprobs,
                        second_order)
@@ -42,17 +43,48 @@ class PreferenceBatch:
         return len(self.batch) // 2
 
 
+@dataclass
+class PreferenceSet:
+    """A domain's human pairs tokenised once, with log pi_ref of every response computed once (never recomputed)."""
+
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+    prompt_ids: list[list[int]]
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+    ref_chosen: torch.Tensor  # [M]
+    ref_rejected: torch.Tensor  # [M]
+
+    @classmethod
+    def build(cls, policy: Policy, prompts: list[str], chosen: list[str], rejected: list[str],
+              chunk: int = 32) -> "PreferenceSet":
+        cfg, tok = policy.config, policy.tokenizer
+        p_ids = encode_prompts(tok, prompts, cfg.max_prompt_tokens, cfg.chat_template)
+        max_resp = 2 * cfg.max_new_tokens
+        c_ids = encode_responses(tok, prompts, chosen, max_resp, cfg.chat_template)
+        r_ids = encode_responses(tok, prompts, rejected, max_resp, cfg.chat_template)
+        with torch.no_grad(), policy.reference() as ref:
+            ref_c = policy_logprobs(ref, collate(p_ids, c_ids, tok.pad_token_id), chunk=chunk)
+            ref_r = policy_logprobs(ref, collate(p_ids, r_ids, tok.pad_token_id), chunk=chunk)
+        return cls(list(prompts), list(chosen), list(rejected), p_ids, c_ids, r_ids, ref_c.cpu(), ref_r.cpu())
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, idx: list[int], pad_id: int, rm: RewardModel) -> PreferenceBatch:
+        p = [self.prompt_ids[i] for i in idx]
+        batch = collate(p + p, [self.chosen_ids[i] for i in idx] + [self.rejected_ids[i] for i in idx], pad_id)
+        ref = torch.cat([self.ref_chosen[idx], self.ref_rejected[idx]])
+        prompts = [self.prompts[i] for i in idx]
+        return PreferenceBatch(batch, ref, rm.encode(prompts, [self.chosen[i] for i in idx]),
+                               rm.encode(prompts, [self.rejected[i] for i in idx]))
+
+
 def make_preference_batch(policy: Policy, rm: RewardModel, prompts: list[str], chosen: list[str],
                           rejected: list[str]) -> PreferenceBatch:
-    cfg, tok = policy.config, policy.tokenizer
-    p_ids = encode_prompts(tok, prompts, cfg.max_prompt_tokens, cfg.chat_template)
-    max_resp = 2 * cfg.max_new_tokens
-    c_ids = encode_responses(tok, prompts, chosen, max_resp, cfg.chat_template)
-    r_ids = encode_responses(tok, prompts, rejected, max_resp, cfg.chat_template)
-    batch = collate(p_ids + p_ids, c_ids + r_ids, tok.pad_token_id)
-    with torch.no_grad(), policy.reference() as ref:
-        ref_logp = policy_logprobs(ref, batch)
-    return PreferenceBatch(batch, ref_logp, rm.encode(prompts, chosen), rm.encode(prompts, rejected))
+    pset = PreferenceSet.build(policy, prompts, chosen, rejected)
+    return pset.select(list(range(len(pset))), policy.tokenizer.pad_token_id, rm)
 
 
 @dataclass
@@ -111,34 +143,38 @@ def logprob_jvp(policy: Policy, batch: SequenceBatch, theta: dict[str, torch.Ten
 
 
 def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], meta: MetaConfig,
-                       rloo: RLOOConfig) -> tuple[list[torch.Tensor], float, list[dict]]:
+                       rloo: RLOOConfig, timings: dict[str, float] | None = None
+                       ) -> tuple[list[torch.Tensor], float, list[dict]]:
     """dL_out/dr_j for the samples of every inner step (stage 1 of the hypergradient), and L_out(theta_K)."""
     mode = resolved_hypergrad(meta)
     if mode == "unrolled":
         leaves = [r.detach().clone().requires_grad_() for r in rewards]
-        with second_order():
+        with second_order(), phase(timings, "unrolled"):
             thetas, stats = inner_loop(policy, task, leaves, meta, rloo, create_graph=True)
             loss = outer_loss(policy, thetas[-1], task.query, rloo.beta)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(r) if g is None else g for r, g in zip(rewards, grads)]
-        return grads, float(loss), stats
+        return grads, float(loss.detach()), stats
 
-    thetas, stats = inner_loop(policy, task, rewards, meta, rloo)
-    theta_K = {k: v.detach().requires_grad_() for k, v in thetas[-1].items()}
-    loss = outer_loss(policy, theta_K, task.query, rloo.beta)
-    v = dict(zip(theta_K, torch.autograd.grad(loss, list(theta_K.values()))))
+    with phase(timings, "inner_policy_steps"):
+        thetas, stats = inner_loop(policy, task, rewards, meta, rloo)
+    with phase(timings, "outer_loss"):
+        theta_K = {k: v.detach().requires_grad_() for k, v in thetas[-1].items()}
+        loss = outer_loss(policy, theta_K, task.query, rloo.beta)
+        v = dict(zip(theta_K, torch.autograd.grad(loss, list(theta_K.values()))))
     # one-step (K = 1, exact) and truncated (K > 1) both take v at theta_K and sum the per-step terms.
     grads = []
     for k, samples in enumerate(task.inner):
-        logp, s = logprob_jvp(policy, samples.batch, thetas[k], v)
+        with phase(timings, "jvp"):
+            logp, s = logprob_jvp(policy, samples.batch, thetas[k], v)
         s = importance_weights(logp, samples.behaviour_logp, rloo.importance_clip) * s
         s_tilde = rloo_advantages(s.reshape(-1, samples.n)).reshape(-1)
         grads.append(meta.inner_lr / s.numel() * s_tilde)
-    return grads, float(loss), stats
+    return grads, float(loss.detach()), stats
 
 
 def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta: MetaConfig, rloo: RLOOConfig,
-                  scale: float | None = None) -> dict[str, float]:
+                  scale: float | None = None, timings: dict[str, float] | None = None) -> dict[str, float]:
     """Accumulate dF/dphi into the reward model's .grad for a meta-batch of domains; return stats.
 
     `scale` divides each domain's contribution (default: the number of domains here; the distributed trainer passes
@@ -146,15 +182,17 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
     scale = float(scale or len(tasks))
     out = {"outer_loss": 0.0, "bt_loss": 0.0, "query_accuracy": 0.0, "inner_reward": 0.0, "inner_kl": 0.0}
     for task in tasks:
-        rewards = [rm.forward_encoded(s.rm_encoding) for s in task.inner]  # RM graph kept apart from the policy's
-        dL_dr, loss, stats = reward_value_grads(policy, task, [r.detach() for r in rewards], meta, rloo)
-        surrogate = sum((g.to(r.dtype) * r).sum() for g, r in zip(dL_dr, rewards))
-        r_c = rm.forward_encoded(task.query.rm_chosen)
-        r_r = rm.forward_encoded(task.query.rm_rejected)
-        bt = bradley_terry_loss(r_c, r_r)
-        if meta.lambda_bt > 0:
-            surrogate = surrogate + meta.lambda_bt * bt
-        (surrogate / scale).backward()
+        with phase(timings, "rm_forward"):
+            rewards = [rm.forward_encoded(s.rm_encoding) for s in task.inner]  # RM graph kept apart from the policy's
+        dL_dr, loss, stats = reward_value_grads(policy, task, [r.detach() for r in rewards], meta, rloo, timings)
+        with phase(timings, "rm_backward"):
+            surrogate = sum((g.to(r.dtype) * r).sum() for g, r in zip(dL_dr, rewards))
+            r_c = rm.forward_encoded(task.query.rm_chosen)
+            r_r = rm.forward_encoded(task.query.rm_rejected)
+            bt = bradley_terry_loss(r_c, r_r)
+            if meta.lambda_bt > 0:
+                surrogate = surrogate + meta.lambda_bt * bt
+            (surrogate / scale).backward()
         out["outer_loss"] += loss / len(tasks)
         out["bt_loss"] += float(bt) / len(tasks)
         out["query_accuracy"] += pair_accuracy(r_c.detach(), r_r.detach()) / len(tasks)

@@ -20,13 +20,17 @@ from .objectives import kl_k1, rloo_advantages
 LogprobFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
-def importance_weights(logp: torch.Tensor, behaviour_logp: torch.Tensor, clip: float | None) -> torch.Tensor:
+def importance_weights(logp: torch.Tensor, behaviour_logp: torch.Tensor | None, clip: float | None) -> torch.Tensor:
+    """pi_theta / pi_behaviour per sample (clipped); exactly 1 for on-policy samples (behaviour_logp None)."""
+    if behaviour_logp is None:
+        return torch.ones_like(logp)
     w = torch.exp(logp - behaviour_logp)
     return w.clamp(max=clip) if clip else w
 
 
 def rloo_coefficients(rewards: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
-                      behaviour_logp: torch.Tensor, beta: float, n: int, clip: float | None) -> torch.Tensor:
+                      behaviour_logp: torch.Tensor | None, beta: float, n: int, clip: float | None
+                      ) -> torch.Tensor:
     """c_j = - w_j A_j / (B n), so that g = sum_j c_j grad log pi(y_j). Differentiable in rewards and logp."""
     total = rewards - beta * kl_k1(logp, ref_logp)
     adv = rloo_advantages(total.reshape(-1, n)).reshape(-1)
@@ -35,7 +39,7 @@ def rloo_coefficients(rewards: torch.Tensor, logp: torch.Tensor, ref_logp: torch
 
 
 def policy_gradient(logp_fn: LogprobFn, theta: dict[str, torch.Tensor], rewards: torch.Tensor,
-                    ref_logp: torch.Tensor, behaviour_logp: torch.Tensor, beta: float, n: int,
+                    ref_logp: torch.Tensor, behaviour_logp: torch.Tensor | None, beta: float, n: int,
                     clip: float | None = None, create_graph: bool = False
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """g_d(theta, r): the RLOO estimate of grad_theta L_in. With create_graph the result stays differentiable in

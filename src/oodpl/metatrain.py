@@ -1,0 +1,261 @@
+"""Meta-training run: the outer loop around bilevel.meta_gradient, with the sample bank, logging, checkpoints, resume
+and data-parallel domains (accelerate).
+
+    for step in outer_steps:
+        domains   <- meta-batch drawn from (seed, step)             # per-step randomness: exact resume
+        tasks     <- K bank minibatches + a query minibatch per domain (this process's share of the domains)
+        grad phi  <- meta_gradient(...)                              # bilevel.py
+        all-reduce grad phi across processes; clip; Adam step; log; checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .bilevel import DomainTask, PreferenceSet, meta_gradient
+from .config import Config, dump_config, resolved_hypergrad
+from .data.split import DomainSplit, build_split
+from .errors import UserError, atomic_directory, atomic_write_json, atomic_write_text, prepare_run_dir
+from .models import Policy, RewardModel, load_policy, load_reward_model
+from .runlog import MetricsLogger, phase, rng_state, seed_everything, set_rng_state
+from .sampling import SampleBank, build_bank
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient: the run stops and keeps its last good checkpoint."""
+
+
+def make_accelerator(cpu: bool | None = None):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu)
+    if acc.state.distributed_type.name in ("FSDP", "MEGATRON_LM") or (
+            acc.state.deepspeed_plugin is not None and acc.state.deepspeed_plugin.zero_stage == 3):
+        raise UserError("parameter sharding (FSDP, DeepSpeed ZeRO-3) does not combine with the Jacobian-vector "
+                        "products of the bilevel step; use DDP or DeepSpeed ZeRO-1/2 (configs/accelerate/)")
+    return acc
+
+
+def run_fingerprint(cfg: Config) -> dict:
+    """What identifies a run's results (everything but presentation settings)."""
+    d = cfg.to_dict()
+    d.pop("quiet", None)
+    d.pop("report_to", None)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sample banks and query sets
+
+
+def load_or_build_banks(policy: Policy, split: DomainSplit, cfg: Config, directory: Path, accelerator,
+                        progress: bool) -> dict[str, SampleBank]:
+    """pi_ref samples for every meta-train domain's support prompts, generated once and stored with the run.
+
+    Each process generates the domains i with i % world == rank; everybody then reads all of them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = sorted(split.meta_train)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for i, name in enumerate(names):
+        path = directory / f"{name}.pt"
+        if i % world != rank or path.exists():
+            continue
+        prompts = [p.prompt for p in split.meta_train[name].support_prompts][: cfg.meta.bank_size or None]
+        bank = build_bank(policy, prompts, cfg.rloo.num_samples, seed=cfg.seed * 1000 + i, progress=progress,
+                          desc=f"bank {name}")
+        bank.save(path)
+    accelerator.wait_for_everyone()
+    return {name: SampleBank.load(directory / f"{name}.pt") for name in names}
+
+
+def build_query_sets(policy: Policy, split: DomainSplit) -> dict[str, PreferenceSet]:
+    out = {}
+    for name in sorted(split.meta_train):
+        pairs = split.meta_train[name].query_pairs
+        out[name] = PreferenceSet.build(policy, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                                        [p.rejected for p in pairs])
+    return out
+
+
+def draw_tasks(step: int, cfg: Config, names: list[str], banks: dict[str, SampleBank],
+               queries: dict[str, PreferenceSet]) -> list[tuple[str, list[list[int]], list[int]]]:
+    """The meta-batch of `step`: (domain, K prompt-index batches, query-pair indices), a function of (seed, step)."""
+    rng = np.random.default_rng([cfg.seed, step])
+    size = min(cfg.meta.meta_batch_domains, len(names))
+    chosen = sorted(rng.choice(len(names), size=size, replace=False).tolist())
+    out = []
+    for j in chosen:
+        name = names[j]
+        P = len(banks[name].prompts)
+        B = min(cfg.rloo.batch_prompts, P)
+        inner = [sorted(rng.choice(P, size=B, replace=False).tolist()) for _ in range(cfg.meta.inner_steps)]
+        M = len(queries[name])
+        query = sorted(rng.choice(M, size=min(cfg.meta.query_batch, M), replace=False).tolist())
+        out.append((name, inner, query))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(run_dir: Path, step: int, rm: RewardModel, policy: Policy, optimizer) -> Path:
+    """checkpoints/step-N/ written under a temporary name and renamed; `latest` is replaced atomically after."""
+    ckpt_root = run_dir / "checkpoints"
+    target = ckpt_root / f"step-{step:06d}"
+    with atomic_directory(target) as tmp:
+        rm.model.save_pretrained(tmp / "reward_model")
+        rm.tokenizer.save_pretrained(tmp / "reward_model")
+        torch.save({k: v.detach().cpu() for k, v in policy.trainable_parameters().items()}, tmp / "policy_trainable.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": rng_state()}, tmp / "state.pt")
+    atomic_write_text(ckpt_root / "latest", target.name + "\n")
+    for old in sorted(ckpt_root.glob("step-*"))[:-2]:  # keep the two newest
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(run_dir: Path, rm: RewardModel, optimizer) -> int:
+    from safetensors.torch import load_file
+
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.exists():
+        return 0
+    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
+    weights = ckpt / "reward_model" / "model.safetensors"
+    rm.model.load_state_dict(load_file(str(weights)), strict=False)
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerator=None,
+               stop_after: int | None = None) -> dict:
+    """Meta-train r_phi over the split's meta-train domains; returns a summary. `stop_after` ends the process's work
+    after that many outer steps of this call (tests use it to simulate interruptions)."""
+    accelerator = accelerator or make_accelerator()
+    main = accelerator.is_main_process
+    progress = not cfg.quiet and main
+    run_dir = Path(output)
+    if main:
+        prepare_run_dir(run_dir, "meta-train", run_fingerprint(cfg))
+    accelerator.wait_for_everyone()
+    final_dir = run_dir / "reward_model"
+    if (run_dir / "summary.json").exists() and final_dir.exists():
+        return json.loads((run_dir / "summary.json").read_text())
+    has_ckpt = (run_dir / "checkpoints" / "latest").exists()
+    if has_ckpt and not resume:
+        raise UserError(f"{run_dir} holds an unfinished meta-training run; pass --resume to continue it or choose "
+                        "another --output")
+    seed_everything(cfg.seed)
+    split_path = run_dir / "split.json"
+    if split_path.exists():
+        split = DomainSplit.load(split_path)
+    else:
+        split = build_split(cfg.data)
+        if main:
+            split.save(split_path)
+            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    if len(split.meta_train) == 0:
+        raise UserError("the split has no meta-train domains; check data.meta_train_domains / held_out_domains")
+
+    timings: dict[str, float] = {}
+    with phase(timings, "load_models"):
+        policy = load_policy(cfg.policy, seed=cfg.seed)
+        rm = load_reward_model(cfg.reward, seed=cfg.seed)
+        policy.model.to(accelerator.device)
+        rm.model.to(accelerator.device)
+    with phase(timings, "sample_bank"):
+        banks = load_or_build_banks(policy, split, cfg, run_dir / "bank", accelerator, progress)
+    with phase(timings, "query_sets"):
+        queries = build_query_sets(policy, split)
+    names = sorted(split.meta_train)
+
+    params = [p for p in rm.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.meta.outer_lr)
+    start = load_checkpoint(run_dir, rm, optimizer) if resume else 0
+    logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start if resume else None,
+                           config=cfg.to_dict())
+    pad = policy.tokenizer.pad_token_id
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mode = resolved_hypergrad(cfg.meta)
+    bar = tqdm(total=cfg.meta.outer_steps, initial=start, desc=f"meta-train ({mode}, K={cfg.meta.inner_steps})",
+               disable=not progress, unit="step")
+    done_here = 0
+    step = start
+    for step in range(start + 1, cfg.meta.outer_steps + 1):
+        t0 = time.perf_counter()
+        step_times: dict[str, float] = {}
+        drawn = draw_tasks(step, cfg, names, banks, queries)
+        mine = drawn[rank::world]
+        with phase(step_times, "bank_reads"):
+            tasks = [DomainTask(name, [banks[name].select(b, pad, rm) for b in inner],
+                                queries[name].select(q, pad, rm)) for name, inner, q in mine]
+        optimizer.zero_grad(set_to_none=False)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        stats = meta_gradient(policy, rm, tasks, cfg.meta, cfg.rloo, scale=len(drawn), timings=step_times) \
+            if tasks else {}
+        stats = {k: v * len(tasks) for k, v in stats.items()}  # sums, averaged over processes below
+        with phase(step_times, "all_reduce"):
+            if world > 1:
+                flat = torch.cat([p.grad.flatten() for p in params])
+                torch.distributed.all_reduce(flat)
+                offset = 0
+                for p in params:
+                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+                keys = sorted(stats) or ["outer_loss", "bt_loss", "query_accuracy", "inner_reward", "inner_kl"]
+                vec = torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64, device=flat.device)
+                torch.distributed.all_reduce(vec)
+                stats = dict(zip(keys, vec.tolist()))
+        stats = {k: v / len(drawn) for k, v in stats.items()}
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.meta.grad_clip or float("inf")))
+        if not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in stats.values()):
+            last = (run_dir / "checkpoints" / "latest")
+            where = last.read_text().strip() if last.exists() else "none yet"
+            raise TrainingDiverged(f"non-finite loss or hypergradient at outer step {step} (grad norm {grad_norm}); "
+                                   f"stopped, last good checkpoint: {where}; lower meta.outer_lr or meta.inner_lr")
+        optimizer.step()
+        step_times["total"] = time.perf_counter() - t0
+        for k, v in step_times.items():
+            timings[f"step_{k}"] = timings.get(f"step_{k}", 0.0) + v
+        if step % cfg.meta.log_every == 0 or step == cfg.meta.outer_steps:
+            logger.log(step, {**stats, "hypergrad_norm": grad_norm,
+                              **{f"time/{k}": v for k, v in step_times.items()}})
+        bar.update(1)
+        bar.set_postfix(outer=f"{stats.get('outer_loss', float('nan')):.4f}",
+                        acc=f"{stats.get('query_accuracy', float('nan')):.2f}")
+        if step % cfg.meta.checkpoint_every == 0 and step < cfg.meta.outer_steps:
+            if main:
+                save_checkpoint(run_dir, step, rm, policy, optimizer)
+            accelerator.wait_for_everyone()
+        done_here += 1
+        if stop_after is not None and done_here >= stop_after:
+            bar.close()
+            logger.close()
+            return {"stopped_at": step}
+    bar.close()
+    logger.close()
+    summary = {"outer_steps": cfg.meta.outer_steps, "hypergrad": mode, "domains": names,
+               "timings": timings, "reward_model": str(final_dir)}
+    if main:
+        save_checkpoint(run_dir, step, rm, policy, optimizer)
+        rm.save(final_dir)
+        atomic_write_json(run_dir / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    return summary
