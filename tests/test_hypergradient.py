@@ -120,3 +120,14 @@ def test_one_outer_step_lowers_the_outer_loss(tiny64):
             p.sub_(step * g)
     after = meta_objective(policy, rm, tasks, meta, RLOO)
     assert after < before
+
+
+def test_reward_shift_has_zero_hypergradient(tiny64):
+    """F is invariant to r_phi + c (RLOO weights are centred, BT uses differences): d F / d bias == 0 exactly."""
+    policy, rm = tiny64
+    tasks = tiny_tasks(policy, rm, K=1)
+    meta = MetaConfig(inner_steps=1, inner_lr=50.0, hypergrad="one-step", lambda_bt=0.5)
+    _grad_and_params(policy, rm, tasks, meta)
+    weight = rm.model.classifier.weight.grad.abs().max()
+    assert weight > 1e-9
+    assert rm.model.classifier.bias.grad.abs().max() < 1e-12 * max(1.0, float(weight))

@@ -97,7 +97,7 @@ def tiny_tokenizer():
 
     specials = ["<pad>", "<eos>", "<bos>", "[CLS]", "[SEP]"]
     vocab = {s: i for i, s in enumerate(specials)}
-    for b in pre_tokenizers.ByteLevel.alphabet():
+    for b in sorted(pre_tokenizers.ByteLevel.alphabet()):  # a set: sort for a stable vocabulary
         vocab.setdefault(b, len(vocab))
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

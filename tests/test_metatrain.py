@@ -1,0 +1,129 @@
+"""Meta-training runs end to end on tiny models: outputs, exact resume after SIGKILL, two-process equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oodpl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = [{"domain": d, "prompt": f"{d} says {i}", "chosen": f"lovely kind words {i}", "rejected": f"awful {i}"}
+         for d in ("alpha", "beta", "gamma") for i in range(12)]
+
+
+def tiny_args(tmp_path: Path, steps: int = 6, every: int = 2) -> list[str]:
+    pairs = tmp_path / "pairs.jsonl"
+    if not pairs.exists():
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    return ["--set", "policy.name_or_path=tiny-random", "--set", "reward.name_or_path=tiny-random",
+            "--set", "data.task=file", "--set", f"data.path={pairs}", "--set", "data.held_out_domains=[gamma]",
+            "--set", "data.support_size=4", "--set", "data.query_size=4", "--set", "rloo.batch_prompts=2",
+            "--set", "rloo.num_samples=2", "--set", "policy.max_new_tokens=4", "--set", f"meta.outer_steps={steps}",
+            "--set", f"meta.checkpoint_every={every}", "--set", "meta.query_batch=4", "--set", "meta.outer_lr=1e-2",
+            "--set", "meta.inner_lr=5.0"]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "reward_model" / "model.safetensors"))
+
+
+def test_meta_train_writes_a_loadable_reward_model(tmp_path):
+    from oodpl.config import RewardConfig
+    from oodpl.models import load_reward_model
+
+    out = tmp_path / "run"
+    assert main(["--quiet", "meta-train", "-o", str(out), *tiny_args(tmp_path, steps=3)]) == 0
+    for name in ("reward_model/config.json", "config.yaml", "split.json", "metrics.jsonl", "summary.json"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").iterdir())
+    assert sorted(p.name for p in (out / "bank").iterdir()) == ["alpha.pt", "beta.pt"]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("outer_loss", "bt_loss", "query_accuracy", "hypergrad_norm", "time/jvp", "time/total"):
+        assert key in rows[0]
+    rm = load_reward_model(RewardConfig(name_or_path=str(out / "reward_model")))
+    assert torch.isfinite(rm.score(["alpha says 1"], ["lovely"])).all()
+    # the reward model moved
+    init = load_reward_model(RewardConfig(name_or_path="tiny-random"))
+    moved = max((a - b).abs().max().item() for a, b in zip(rm.model.state_dict().values(),
+                                                              init.model.state_dict().values()))
+    assert moved > 1e-4
+
+
+def test_unfinished_run_needs_resume(tmp_path):
+    from oodpl.config import load_config
+    from oodpl.metatrain import meta_train
+    from oodpl.errors import UserError
+
+    args = tiny_args(tmp_path, steps=4, every=2)
+    cfg = load_config(None, [a for a in args if a != "--set"])
+    cfg.quiet = True
+    meta_train(cfg, tmp_path / "run", stop_after=2)
+    with pytest.raises(UserError, match="--resume"):
+        meta_train(cfg, tmp_path / "run")
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    """Kill a run with SIGKILL after its first checkpoint; the resumed run ends with the uninterrupted run's weights."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = tiny_args(tmp_path, steps=16, every=2)
+    full = tmp_path / "full"
+    assert main(["--quiet", "meta-train", "-o", str(full), *args]) == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "oodpl.cli", "--quiet", "meta-train", "-o", str(killed), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step-000004":
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+    assert main(["--quiet", "meta-train", "-o", str(killed), *args, "--resume"]) == 0
+    a, b = weights(full), weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))
+
+
+def test_two_processes_equal_one(tmp_path):
+    """accelerate launch with 2 CPU processes (gloo): same hypergradient and same weights as 1 process."""
+    pytest.importorskip("accelerate")
+    # Adam divides by sqrt(v): float32 summation-order noise in tiny gradients is scaled up to ~lr; a small lr keeps
+    # that far below the 1e-5 tolerance while the hypergradient norms are compared directly.
+    args = tiny_args(tmp_path, steps=2, every=10) + ["--set", "meta.meta_batch_domains=2",
+                                                     "--set", "meta.grad_clip=0", "--set", "meta.outer_lr=1e-3"]
+    one = tmp_path / "one"
+    assert main(["--quiet", "meta-train", "-o", str(one), *args]) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "oodpl.cli", "--quiet",
+           "meta-train", "-o", str(two), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    g1 = [json.loads(l)["hypergrad_norm"] for l in (one / "metrics.jsonl").read_text().splitlines()]
+    g2 = [json.loads(l)["hypergrad_norm"] for l in (two / "metrics.jsonl").read_text().splitlines()]
+    assert g1 == pytest.approx(g2, rel=1e-5)
+    a, b = weights(one), weights(two)
+    for k in a:
+        if k == "classifier.bias":
+            # r_phi + c changes no loss (RLOO weights sum to zero per prompt, BT uses differences): its gradient is
+            # rounding noise, which Adam rescales to +-lr. tests/test_hypergradient.py checks that invariance.
+            continue
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
