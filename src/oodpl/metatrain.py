@@ -37,11 +37,18 @@ class TrainingDiverged(UserError):
 def make_accelerator(cpu: bool | None = None):
     from accelerate import Accelerator
 
+    kind = os.environ.get("ACCELERATE_DISTRIBUTED_TYPE", "") or ""
+    if kind.upper() in ("FSDP", "MEGATRON_LM") or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise UserError("parameter sharding (FSDP) does not combine with the Jacobian-vector products of the bilevel "
+                        "step; use DDP (configs/accelerate/multi_gpu_ddp.yaml)")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise UserError("DeepSpeed is not supported by oodpl meta-train (ZeRO-3 shards the parameters the "
+                        "Jacobian-vector products need; ZeRO-1/2 are not wired yet); use DDP "
+                        "(configs/accelerate/multi_gpu_ddp.yaml)")
     acc = Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu)
-    if acc.state.distributed_type.name in ("FSDP", "MEGATRON_LM") or (
-            acc.state.deepspeed_plugin is not None and acc.state.deepspeed_plugin.zero_stage == 3):
-        raise UserError("parameter sharding (FSDP, DeepSpeed ZeRO-3) does not combine with the Jacobian-vector "
-                        "products of the bilevel step; use DDP or DeepSpeed ZeRO-1/2 (configs/accelerate/)")
+    if acc.state.distributed_type.name in ("FSDP", "MEGATRON_LM", "DEEPSPEED"):
+        raise UserError(f"{acc.state.distributed_type.name} is not supported by the bilevel step; use DDP "
+                        "(configs/accelerate/multi_gpu_ddp.yaml)")
     return acc
 
 
