@@ -127,3 +127,27 @@ def test_two_processes_equal_one(tmp_path):
             # rounding noise, which Adam rescales to +-lr. tests/test_hypergradient.py checks that invariance.
             continue
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_non_finite_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    import oodpl.metatrain as mt
+    from oodpl.config import load_config
+
+    real = mt.meta_gradient
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        if calls["n"] == 3:
+            out["outer_loss"] = float("nan")
+        return out
+
+    monkeypatch.setattr(mt, "meta_gradient", poisoned)
+    args = tiny_args(tmp_path, steps=6, every=2)
+    cfg = load_config(None, [a for a in args if a != "--set"])
+    cfg.quiet = True
+    with pytest.raises(mt.TrainingDiverged, match="step 3.*step-000002"):
+        mt.meta_train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "reward_model" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "reward_model").exists()
