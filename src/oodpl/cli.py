@@ -133,6 +133,34 @@ def _not_yet(name: str):
     return run
 
 
+def _cmd_meta_test(args) -> int:
+    from .benchmark import meta_test_command
+
+    index = meta_test_command(_load_cfg(args), args.reward_model, args.output, args.domains or None)
+    print(json.dumps(index, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_command
+
+    result = evaluate_command(_load_cfg(args), args.output, args.reward_model, args.samples)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_benchmark(args) -> int:
+    from .benchmark import run_benchmark
+    from .report import comparison_sentence, main_table
+
+    results = run_benchmark(_load_cfg(args), args.output)
+    print(main_table(results))
+    print()
+    print(comparison_sentence(results))
+    print(f"\nreport: {Path(args.output) / 'report.md'}")
+    return 0
+
+
 def _cmd_theory(args) -> int:
     try:
         from .theory import main as theory_main
@@ -146,9 +174,9 @@ HANDLERS = {
     "data": _cmd_data,
     "train-rm": _cmd_train_rm,
     "meta-train": _cmd_meta_train,
-    "meta-test": _not_yet("meta-test"),
-    "evaluate": _not_yet("evaluate"),
-    "benchmark": _not_yet("benchmark"),
+    "meta-test": _cmd_meta_test,
+    "evaluate": _cmd_evaluate,
+    "benchmark": _cmd_benchmark,
     "theory": _cmd_theory,
 }
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import PolicyConfig, RewardConfig
+from .data.records import hub_available
 from .errors import UserError, atomic_directory
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,6 @@ def _package_file(package: str, relative: str) -> Path:
     return path
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or os.sep in name and name.count("/") > 1
 
@@ -79,7 +69,7 @@ def resolve_source(name: str, what: str) -> tuple[str, str | None]:
         return str(p), None
     if _looks_like_path(name):
         raise UserError(f"{what} path {name} does not exist; pass an existing directory, a .gguf file or a hub id")
-    if not hub_reachable():
+    if not hub_available():
         raise UserError(
             f"{what} {name!r} is not a local path and looks like a hub id, but the Hugging Face hub cannot be reached "
             "(offline); use a local directory, a .gguf file, or the built-in default"
