@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -36,6 +38,16 @@ def tiny_tasks(policy, rm, K: int = 1, n: int = 3, B: int = 2, domains: int = 2,
         p, c, r = zip(*PAIRS)
         tasks.append(DomainTask(f"d{d}", inner, make_preference_batch(policy, rm, list(p), list(c), list(r))))
     return tasks
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny matrices: one BLAS thread is much faster than two (and than two fighting over a shared CPU)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses some tests start
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture

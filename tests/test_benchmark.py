@@ -17,13 +17,6 @@ NOT_APPLICABLE = {("reference", "pl_accuracy"), ("reference", "rm_gold_agreement
                   ("gold-reward", "pl_accuracy"), ("gold-reward", "rm_gold_agreement"), ("dpo", "rm_gold_agreement")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def unit_files(out):
     return {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if "seed-" in str(p)}

@@ -18,13 +18,6 @@ ROWS = [("the film was", " truly wonderful and fun", " dull and a waste"),
         ("i think that", " it is great", " it is awful")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny_policy(seed=0):
     return load_policy(PolicyConfig(name_or_path="tiny-random", lora_r=2, lora_alpha=4, max_prompt_tokens=16,

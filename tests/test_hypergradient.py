@@ -131,3 +131,18 @@ def test_reward_shift_has_zero_hypergradient(tiny64):
     weight = rm.model.classifier.weight.grad.abs().max()
     assert weight > 1e-9
     assert rm.model.classifier.bias.grad.abs().max() < 1e-12 * max(1.0, float(weight))
+
+
+def test_forward_mode_jvp_equals_double_backward(tiny64):
+    from oodpl.bilevel import logprob_jvp
+
+    policy, rm = tiny64
+    batch = tiny_tasks(policy, rm, K=1)[0].inner[0].batch
+    gen = torch.Generator().manual_seed(3)
+    theta = {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in policy.theta_init().items()}
+    tangent = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in theta.items()}
+    lp_f, s_f = logprob_jvp(policy, batch, theta, tangent, method="forward")
+    lp_b, s_b = logprob_jvp(policy, batch, theta, tangent, method="double-backward")
+    assert torch.allclose(lp_f, lp_b, atol=1e-12)
+    assert torch.allclose(s_f, s_b, rtol=1e-9, atol=1e-14)
+    assert s_f.abs().max() > 1e-6

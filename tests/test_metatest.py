@@ -14,14 +14,6 @@ from oodpl.models import load_policy, load_reward_model
 PROMPTS = ["the film was", "my order came", "service here is", "i think that", "the plot felt", "overall it"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one BLAS thread is much faster than two on a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny_cfg(steps=3, lr=1e-2, B=3, n=3, new_tokens=4, trainable="lora") -> Config:
     cfg = Config()

@@ -130,9 +130,23 @@ def inner_loop(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], me
 
 
 def logprob_jvp(policy: Policy, batch: SequenceBatch, theta: dict[str, torch.Tensor],
-                tangent: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi_theta(y_j|x), s_j = <grad_theta log pi_theta(y_j|x), tangent>) for every row, by double backward:
-    J^T u is built with a graph, and its gradient with respect to u along `tangent` is J tangent."""
+                tangent: dict[str, torch.Tensor], method: str = "forward") -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi_theta(y_j|x), s_j = <grad_theta log pi_theta(y_j|x), tangent>) for every row.
+
+    "forward": forward-mode AD (torch.func.jvp), about the cost of two forward passes. "double-backward": J^T u is
+    built with a graph and differentiated with respect to u along `tangent` (works where an op lacks forward AD)."""
+    keys = list(theta)
+    if method == "forward":
+        def logp_of(*tensors):
+            return policy.logprobs(batch, params=dict(zip(keys, tensors)))
+
+        try:
+            with second_order():
+                logp, s = torch.func.jvp(logp_of, tuple(theta[k].detach() for k in keys),
+                                         tuple(tangent[k].to(theta[k].dtype) for k in keys))
+            return logp.detach(), s.detach()
+        except (NotImplementedError, RuntimeError):  # an op without a forward-mode formula
+            pass
     theta = {k: v.detach().requires_grad_() for k, v in theta.items()}
     with second_order():
         logp = policy.logprobs(batch, params=theta)
