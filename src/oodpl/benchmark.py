@@ -104,13 +104,6 @@ def seed_config(cfg: Config, seed: int, method: str | None = None) -> Config:
     return c
 
 
-def fingerprint(cfg: Config) -> dict:
-    d = cfg.to_dict()
-    d.pop("quiet", None)
-    d.pop("report_to", None)
-    return d
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Units shared with `oodpl meta-test`
 
@@ -152,7 +145,7 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
     if not rm_path.exists():
         raise UserError(f"--reward-model {rm_path} does not exist; pass a Hugging Face sequence-classification "
                         "checkpoint directory (e.g. RUN/reward_model)")
-    prepare_run_dir(out, "meta-test", {"config": fingerprint(cfg), "reward_model": str(rm_path.resolve()),
+    prepare_run_dir(out, "meta-test", {"config": cfg.fingerprint(), "reward_model": str(rm_path.resolve()),
                                        "domains": domains})
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
@@ -399,7 +392,7 @@ class Benchmark:
         from .judges import make_judge
 
         t_start = time.time()
-        prepare_run_dir(self.dir, "benchmark", fingerprint(self.cfg))
+        prepare_run_dir(self.dir, "benchmark", self.cfg.fingerprint())
         atomic_write_text(self.dir / "config.yaml", dump_config(self.cfg))
         split_path = self.dir / "split.json"
         if split_path.exists():

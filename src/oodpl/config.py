@@ -150,6 +150,13 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies a run's results: everything but presentation settings (quiet, report_to)."""
+        d = self.to_dict()
+        d.pop("quiet", None)
+        d.pop("report_to", None)
+        return d
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading

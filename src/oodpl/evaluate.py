@@ -102,7 +102,7 @@ def evaluate_command(cfg, output: str | Path, reward_model: str | None = None, s
     `oodpl meta-test` output directory (gold_reward, kl, win_rate_vs_reference against pi_ref samples drawn with the
     same seeds, rm_gold_agreement when --reward-model is given). win_rate_vs_erm needs an erm-rm run: it is null here
     (the benchmark computes it). Writes OUTPUT/evaluation.json."""
-    from .benchmark import eval_seed, fingerprint, load_rm
+    from .benchmark import eval_seed, load_rm
     from .data.split import DomainSplit, build_split
     from .errors import UserError, atomic_write_json, prepare_run_dir
     from .judges import make_judge
@@ -117,7 +117,7 @@ def evaluate_command(cfg, output: str | Path, reward_model: str | None = None, s
     if reward_model and not Path(reward_model).exists():
         raise UserError(f"--reward-model {reward_model} does not exist; pass a checkpoint directory")
     out = Path(output)
-    prepare_run_dir(out, "evaluate", {"config": fingerprint(cfg), "reward_model": reward_model,
+    prepare_run_dir(out, "evaluate", {"config": cfg.fingerprint(), "reward_model": reward_model,
                                       "samples": samples_dir})
     split = (DomainSplit.load(sdir / "split.json") if sdir is not None and (sdir / "split.json").exists()
              else build_split(cfg.data))

@@ -52,14 +52,6 @@ def make_accelerator(cpu: bool | None = None):
     return acc
 
 
-def run_fingerprint(cfg: Config) -> dict:
-    """What identifies a run's results (everything but presentation settings)."""
-    d = cfg.to_dict()
-    d.pop("quiet", None)
-    d.pop("report_to", None)
-    return d
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Sample banks and query sets
 
@@ -158,7 +150,7 @@ def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerato
     progress = not cfg.quiet and main
     run_dir = Path(output)
     if main:
-        prepare_run_dir(run_dir, "meta-train", run_fingerprint(cfg))
+        prepare_run_dir(run_dir, "meta-train", cfg.fingerprint())
     accelerator.wait_for_everyone()
     final_dir = run_dir / "reward_model"
     if (run_dir / "summary.json").exists() and final_dir.exists():

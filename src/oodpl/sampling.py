@@ -91,13 +91,20 @@ def policy_logprobs(model: nn.Module, batch: SequenceBatch, params: dict[str, to
     dev = next(model.parameters()).device
 
     def run(sl: slice) -> torch.Tensor:
+        # Only the logits that predict response tokens are needed: with left padding the responses sit at the end, so
+        # the LM head (vocabulary-sized) runs on the last `keep` positions instead of all T (`logits_to_keep`).
+        response_mask = batch.response_mask[sl]
+        T = response_mask.shape[1]
+        cols = response_mask.any(0).nonzero()
+        keep = min(T, T - int(cols[0]) + 1) if len(cols) else 1
         kwargs = dict(input_ids=batch.input_ids[sl].to(dev), attention_mask=batch.attention_mask[sl].to(dev),
-                      position_ids=batch.position_ids[sl].to(dev), use_cache=False)
+                      position_ids=batch.position_ids[sl].to(dev), use_cache=False, logits_to_keep=keep)
         if params is None:
             logits = model(**kwargs).logits
         else:
             logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False).logits
-        return sequence_logprobs(logits, kwargs["input_ids"], batch.response_mask[sl].to(dev))
+        logits = logits[:, -keep:]  # a model that ignores logits_to_keep returns all T positions
+        return sequence_logprobs(logits, kwargs["input_ids"][:, -keep:], response_mask[:, -keep:].to(dev))
 
     n = len(batch)
     if chunk is None or chunk >= n:
