@@ -16,6 +16,7 @@ The hypergradient is computed in two stages so that the reward model's graph nev
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ from .runlog import phase
 from .policy_opt import importance_weights, policy_gradient, sgd_step
 from .sampling import (Samples, SequenceBatch, collate, encode_prompts, encode_responses, policy_logprobs,
                        second_order)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,6 +132,9 @@ def inner_loop(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], me
     return thetas, stats
 
 
+_warned_fallback: list[bool] = []
+
+
 def logprob_jvp(policy: Policy, batch: SequenceBatch, theta: dict[str, torch.Tensor],
                 tangent: dict[str, torch.Tensor], method: str = "forward") -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi_theta(y_j|x), s_j = <grad_theta log pi_theta(y_j|x), tangent>) for every row.
@@ -145,8 +151,10 @@ def logprob_jvp(policy: Policy, batch: SequenceBatch, theta: dict[str, torch.Ten
                 logp, s = torch.func.jvp(logp_of, tuple(theta[k].detach() for k in keys),
                                          tuple(tangent[k].to(theta[k].dtype) for k in keys))
             return logp.detach(), s.detach()
-        except (NotImplementedError, RuntimeError):  # an op without a forward-mode formula
-            pass
+        except NotImplementedError as e:  # an op of this model has no forward-mode formula
+            if not _warned_fallback:
+                log.warning("forward-mode JVP unavailable (%s); using double backward", str(e).splitlines()[0])
+                _warned_fallback.append(True)
     theta = {k: v.detach().requires_grad_() for k, v in theta.items()}
     with second_order():
         logp = policy.logprobs(batch, params=theta)
@@ -208,7 +216,7 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
                 surrogate = surrogate + meta.lambda_bt * bt
             (surrogate / scale).backward()
         out["outer_loss"] += loss / len(tasks)
-        out["bt_loss"] += float(bt) / len(tasks)
+        out["bt_loss"] += float(bt.detach()) / len(tasks)
         out["query_accuracy"] += pair_accuracy(r_c.detach(), r_r.detach()) / len(tasks)
         out["inner_reward"] += stats[0]["reward"] / len(tasks)
         out["inner_kl"] += stats[-1]["kl"] / len(tasks)
