@@ -145,11 +145,20 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
     if not rm_path.exists():
         raise UserError(f"--reward-model {rm_path} does not exist; pass a Hugging Face sequence-classification "
                         "checkpoint directory (e.g. RUN/reward_model)")
-    prepare_run_dir(out, "meta-test", {"config": cfg.fingerprint(), "reward_model": str(rm_path.resolve()),
-                                       "domains": domains})
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
-    split.save(out / "split.json")
+    from .metatrain import make_accelerator
+
+    # Under `accelerate launch` each process takes every world-th (domain, beta) unit; the main process writes the
+    # shared files.
+    accelerator = make_accelerator()
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if main:
+        prepare_run_dir(out, "meta-test", {"config": cfg.fingerprint(), "reward_model": str(rm_path.resolve()),
+                                           "domains": domains})
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
+        split.save(out / "split.json")
+    accelerator.wait_for_everyone()
+    split = DomainSplit.load(out / "split.json")
     names = sorted(split.held_out)
     chosen = domains or names
     for d in chosen:
@@ -158,13 +167,16 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
     seed_everything(cfg.seed)
     rm = load_rm(rm_path, cfg)
     policy = load_policy(cfg.policy, seed=cfg.seed)
-    progress = not cfg.quiet
-    files = {}
+    policy.model.to(accelerator.device)
+    rm.model.to(accelerator.device)
+    progress = not cfg.quiet and main
     units = [(d, b) for d in chosen for b in cfg.meta_test.beta_test]
-    bar = tqdm(units, desc="meta-test", disable=not progress, unit="run")
+    files = {}
+    for d, beta in units:
+        files.setdefault(d, {})[_fmt_beta(beta)] = str(out / d / f"beta-{_fmt_beta(beta)}.json")
+    bar = tqdm(units[rank::world], desc="meta-test", disable=not progress, unit="run")
     for d, beta in bar:
         path = out / d / f"beta-{_fmt_beta(beta)}.json"
-        files.setdefault(d, {})[_fmt_beta(beta)] = str(path)
         if path.exists():
             continue
         di = names.index(d)
@@ -174,8 +186,10 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
                                                     "domain": d, "seed": cfg.seed},
                           progress=progress, desc=f"meta-test {d} beta={beta:g}")
     bar.close()
+    accelerator.wait_for_everyone()
     index = {"reward_model": str(rm_path), "files": files}
-    atomic_write_json(out / "meta_test.json", index)
+    if main:
+        atomic_write_json(out / "meta_test.json", index)
     return index
 
 

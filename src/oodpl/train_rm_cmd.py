@@ -15,12 +15,18 @@ from .runlog import MetricsLogger, seed_everything
 
 def train_rm_command(cfg: Config, output: str | Path, pairs_path: str | None = None,
                      columns: dict[str, str] | None = None) -> dict:
+    from .metatrain import make_accelerator
+
+    accelerator = make_accelerator()  # under `accelerate launch`: data-parallel BT steps, main process writes
+    main = accelerator.is_main_process
     run_dir = Path(output)
     fingerprint = {"config": cfg.reward.__dict__ | cfg.train_rm.__dict__, "seed": cfg.seed,
                    "pairs": str(pairs_path) if pairs_path else cfg.data.__dict__}
-    prepare_run_dir(run_dir, "train-rm", fingerprint)
-    if (run_dir / "metrics.json").exists():
-        raise UserError(f"{run_dir} already holds a finished train-rm run; choose another --output")
+    if main:
+        prepare_run_dir(run_dir, "train-rm", fingerprint)
+        if (run_dir / "metrics.json").exists():
+            raise UserError(f"{run_dir} already holds a finished train-rm run; choose another --output")
+    accelerator.wait_for_everyone()
     seed_everything(cfg.seed)
     if pairs_path:
         pairs = read_pairs(pairs_path, columns or cfg.data.columns)
@@ -31,14 +37,17 @@ def train_rm_command(cfg: Config, output: str | Path, pairs_path: str | None = N
     train, held = split_eval(pairs, cfg.train_rm.eval_fraction, cfg.seed)
     rm = load_reward_model(cfg.reward, seed=cfg.seed)
     before = accuracy_by_domain(rm, held) if held else {}
-    logger = MetricsLogger(run_dir, cfg.report_to)
-    stats = train_reward_model(rm, train, cfg.train_rm, seed=cfg.seed, progress=not cfg.quiet, log=logger.log)
+    logger = MetricsLogger(run_dir, cfg.report_to, enabled=main)
+    stats = train_reward_model(rm, train, cfg.train_rm, seed=cfg.seed, accelerator=accelerator,
+                               progress=not cfg.quiet, log=logger.log)
     logger.close()
     after = accuracy_by_domain(rm, held) if held else {}
-    rm.save(run_dir / "reward_model")
     summary = {"accuracy": {"held_back_pairs_per_domain": {d: sum(p.domain == d for p in held) for d in after},
                             "before": before, "after": after,
                             "train": accuracy_by_domain(rm, train)},
                "train": stats, "reward_model": str(run_dir / "reward_model")}
-    atomic_write_json(run_dir / "metrics.json", summary)
+    if main:
+        rm.save(run_dir / "reward_model")
+        atomic_write_json(run_dir / "metrics.json", summary)
+    accelerator.wait_for_everyone()
     return summary
