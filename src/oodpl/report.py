@@ -189,6 +189,7 @@ def make_plots(directory: Path, results: dict, first_seed: int) -> dict[str, str
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"Meta-training (seed {first_seed})")
+        fig.tight_layout(rect=(0, 0, 1, 0.92))  # keep the title clear of the panel titles
         save(fig, "meta_training.png")
     return made
 
