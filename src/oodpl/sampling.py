@@ -97,8 +97,11 @@ def policy_logprobs(model: nn.Module, batch: SequenceBatch, params: dict[str, to
         T = response_mask.shape[1]
         cols = response_mask.any(0).nonzero()
         keep = min(T, T - int(cols[0]) + 1) if len(cols) else 1
+        # positions as an index tensor, not an int: an int slices the hidden states to a non-contiguous view, which
+        # sends the LM-head matmul down a slow batched path on CPU; indexing copies them to a contiguous block
+        to_keep = torch.arange(T - keep, T, device=dev) if keep < T else 0
         kwargs = dict(input_ids=batch.input_ids[sl].to(dev), attention_mask=batch.attention_mask[sl].to(dev),
-                      position_ids=batch.position_ids[sl].to(dev), use_cache=False, logits_to_keep=keep)
+                      position_ids=batch.position_ids[sl].to(dev), use_cache=False, logits_to_keep=to_keep)
         if params is None:
             logits = model(**kwargs).logits
         else:
