@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oodpl.bilevel import DomainTask, make_preference_batch
-from oodpl.config import MetaConfig, PolicyConfig, RewardConfig, RLOOConfig
+from oodpl.config import PolicyConfig, RewardConfig
 from oodpl.models import load_policy, load_reward_model
 from oodpl.sampling import build_bank
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-import torch
 
 from oodpl.benchmark import ALL_METHODS
 from oodpl.cli import main

@@ -73,33 +73,41 @@ def test_unfinished_run_needs_resume(tmp_path):
         meta_train(cfg, tmp_path / "run")
 
 
-def test_resume_after_sigkill_is_exact(tmp_path):
-    """Kill a run with SIGKILL after its first checkpoint; the resumed run ends with the uninterrupted run's weights."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = tiny_args(tmp_path, steps=16, every=2)
-    full = tmp_path / "full"
-    assert main(["--quiet", "meta-train", "-o", str(full), *args]) == 0
-
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "oodpl.cli", "--quiet", "meta-train", "-o", str(killed), *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 120
+def kill_after_checkpoint(cmd: list[str], run_dir: Path, checkpoint: str, env: dict | None = None) -> None:
+    """Start `cmd` in its own process group and SIGKILL the whole group once `checkpoint` (or a later one) exists."""
+    proc = subprocess.Popen(cmd, env=env or os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text().strip() >= "step-000004":
+        if latest.exists() and latest.read_text().strip() >= checkpoint:
             break
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (killed / "summary.json").exists()
-    assert main(["--quiet", "meta-train", "-o", str(killed), *args, "--resume"]) == 0
-    a, b = weights(full), weights(killed)
+    assert proc.returncode != 0 and not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+
+
+def assert_same_run(full: Path, resumed: Path, steps: int) -> None:
+    """Bit-identical final weights and one metrics row per step, as if never interrupted."""
+    a, b = weights(full), weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    steps = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 17))
+    assert [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, steps + 1))
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    """Kill a run with SIGKILL after its first checkpoint; the resumed run ends with the uninterrupted run's weights."""
+    args = tiny_args(tmp_path, steps=16, every=2)
+    full = tmp_path / "full"
+    assert main(["--quiet", "meta-train", "-o", str(full), *args]) == 0
+    killed = tmp_path / "killed"
+    kill_after_checkpoint([sys.executable, "-m", "oodpl.cli", "--quiet", "meta-train", "-o", str(killed), *args],
+                          killed, "step-000004", env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert main(["--quiet", "meta-train", "-o", str(killed), *args, "--resume"]) == 0
+    assert_same_run(full, killed, 16)
 
 
 def test_two_processes_equal_one(tmp_path):

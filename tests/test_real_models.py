@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_default_models_load_and_pi_theta0_equals_pi_ref():
     from oodpl.config import PolicyConfig, RewardConfig
     from oodpl.models import load_policy, load_reward_model
-    from oodpl.sampling import build_bank, collate
+    from oodpl.sampling import build_bank
 
     policy = load_policy(PolicyConfig(max_new_tokens=6))
     rm = load_reward_model(RewardConfig())

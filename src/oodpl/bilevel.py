@@ -17,6 +17,7 @@ The hypergradient is computed in two stages so that the reward model's graph nev
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -196,13 +197,17 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
 
 
 def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta: MetaConfig, rloo: RLOOConfig,
-                  scale: float | None = None, timings: dict[str, float] | None = None) -> dict[str, float]:
+                  scale: float | None = None, timings: dict[str, float] | None = None,
+                  backward: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
     """Accumulate dF/dphi into the reward model's .grad for a meta-batch of domains; return stats.
 
     `scale` divides each domain's contribution (default: the number of domains here; the distributed trainer passes
-    the global meta-batch size so that summing over processes gives the mean)."""
+    the global meta-batch size so that summing over processes gives the mean). `backward`: None backpropagates each
+    domain's surrogate as soon as it is built (least memory); a callable receives the sum over the meta-batch in one
+    call (DeepSpeed ZeRO reduces gradients once per backward, and its backward also takes the optimiser step)."""
     scale = float(scale or len(tasks))
     out = {"outer_loss": 0.0, "bt_loss": 0.0, "query_accuracy": 0.0, "inner_reward": 0.0, "inner_kl": 0.0}
+    pending: list[torch.Tensor] = []
     for task in tasks:
         with phase(timings, "rm_forward"):
             rewards = [rm.forward_encoded(s.rm_encoding) for s in task.inner]  # RM graph kept apart from the policy's
@@ -214,12 +219,18 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
             bt = bradley_terry_loss(r_c, r_r)
             if meta.lambda_bt > 0:
                 surrogate = surrogate + meta.lambda_bt * bt
-            (surrogate / scale).backward()
+            if backward is None:
+                (surrogate / scale).backward()
+            else:
+                pending.append(surrogate / scale)
         out["outer_loss"] += loss / len(tasks)
         out["bt_loss"] += float(bt.detach()) / len(tasks)
         out["query_accuracy"] += pair_accuracy(r_c.detach(), r_r.detach()) / len(tasks)
         out["inner_reward"] += stats[0]["reward"] / len(tasks)
         out["inner_kl"] += stats[-1]["kl"] / len(tasks)
+    if backward is not None and pending:
+        with phase(timings, "rm_backward"):
+            backward(torch.stack(pending).sum())
     return out
 
 

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .bilevel import DomainTask, PreferenceSet, meta_gradient
 from .config import Config, dump_config, resolved_hypergrad
 from .data.split import DomainSplit, build_split
-from .errors import UserError, atomic_directory, atomic_write_json, atomic_write_text, prepare_run_dir
+from .distributed import make_accelerator, prepare_deepspeed, uses_deepspeed
+from .errors import UserError, atomic_write_json, atomic_write_text, prepare_run_dir
 from .models import Policy, RewardModel, load_policy, load_reward_model
 from .runlog import MetricsLogger, phase, rng_state, seed_everything, set_rng_state
 from .sampling import SampleBank, build_bank
@@ -32,24 +33,6 @@ from .sampling import SampleBank, build_bank
 
 class TrainingDiverged(UserError):
     """A non-finite loss or gradient: the run stops and keeps its last good checkpoint."""
-
-
-def make_accelerator(cpu: bool | None = None):
-    from accelerate import Accelerator
-
-    kind = os.environ.get("ACCELERATE_DISTRIBUTED_TYPE", "") or ""
-    if kind.upper() in ("FSDP", "MEGATRON_LM") or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise UserError("parameter sharding (FSDP) does not combine with the Jacobian-vector products of the bilevel "
-                        "step; use DDP (configs/accelerate/multi_gpu_ddp.yaml)")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise UserError("DeepSpeed is not supported by oodpl meta-train (ZeRO-3 shards the parameters the "
-                        "Jacobian-vector products need; ZeRO-1/2 are not wired yet); use DDP "
-                        "(configs/accelerate/multi_gpu_ddp.yaml)")
-    acc = Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu)
-    if acc.state.distributed_type.name in ("FSDP", "MEGATRON_LM", "DEEPSPEED"):
-        raise UserError(f"{acc.state.distributed_type.name} is not supported by the bilevel step; use DDP "
-                        "(configs/accelerate/multi_gpu_ddp.yaml)")
-    return acc
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -107,22 +90,43 @@ def draw_tasks(step: int, cfg: Config, names: list[str], banks: dict[str, Sample
 # Checkpoints
 
 
-def save_checkpoint(run_dir: Path, step: int, rm: RewardModel, policy: Policy, optimizer) -> Path:
-    """checkpoints/step-N/ written under a temporary name and renamed; `latest` is replaced atomically after."""
+def save_checkpoint(run_dir: Path, step: int, rm: RewardModel, policy: Policy, optimizer, accelerator) -> Path:
+    """checkpoints/step-N/ built under a temporary name and renamed when complete; `latest` is replaced atomically
+    after. Collective: under DeepSpeed every process adds its shard of the optimiser state; the main process writes
+    the rest (reward model, policy trainable weights, optimiser or shard layout, RNG states, step)."""
     ckpt_root = run_dir / "checkpoints"
     target = ckpt_root / f"step-{step:06d}"
-    with atomic_directory(target) as tmp:
-        rm.model.save_pretrained(tmp / "reward_model")
+    tmp = ckpt_root / f".{target.name}.tmp"
+    main, sharded = accelerator.is_main_process, uses_deepspeed(accelerator)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if sharded:  # the ZeRO optimiser's state_dict() is this process's partition
+        torch.save(optimizer.state_dict(), tmp / f"optimizer-rank{accelerator.process_index:05d}.pt")
+    accelerator.wait_for_everyone()
+    if main:
+        model = accelerator.unwrap_model(rm.model)
+        model.save_pretrained(tmp / "reward_model")
         rm.tokenizer.save_pretrained(tmp / "reward_model")
         torch.save({k: v.detach().cpu() for k, v in policy.trainable_parameters().items()}, tmp / "policy_trainable.pt")
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": rng_state()}, tmp / "state.pt")
-    atomic_write_text(ckpt_root / "latest", target.name + "\n")
-    for old in sorted(ckpt_root.glob("step-*"))[:-2]:  # keep the two newest
-        shutil.rmtree(old, ignore_errors=True)
+        torch.save({"optimizer": None if sharded else optimizer.state_dict(), "step": step, "rng": rng_state(),
+                    "optimizer_shards": accelerator.num_processes if sharded else 0}, tmp / "state.pt")
+        old = target.with_name(f".{target.name}.old") if target.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        atomic_write_text(ckpt_root / "latest", target.name + "\n")
+        for old in sorted(ckpt_root.glob("step-*"))[:-2]:  # keep the two newest
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return target
 
 
-def load_checkpoint(run_dir: Path, rm: RewardModel, optimizer) -> int:
+def load_checkpoint(run_dir: Path, rm: RewardModel, optimizer, accelerator) -> int:
     from safetensors.torch import load_file
 
     latest = run_dir / "checkpoints" / "latest"
@@ -130,9 +134,18 @@ def load_checkpoint(run_dir: Path, rm: RewardModel, optimizer) -> int:
         return 0
     ckpt = run_dir / "checkpoints" / latest.read_text().strip()
     weights = ckpt / "reward_model" / "model.safetensors"
-    rm.model.load_state_dict(load_file(str(weights)), strict=False)
+    accelerator.unwrap_model(rm.model).load_state_dict(load_file(str(weights)), strict=False)
     state = torch.load(ckpt / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    shards = int(state.get("optimizer_shards", 0))
+    if shards != (accelerator.num_processes if uses_deepspeed(accelerator) else 0):
+        raise UserError(f"{ckpt} was written with {shards or 'no'} DeepSpeed optimiser shards; resume it with the "
+                        "same launch (number of processes, DeepSpeed or not) it was started with")
+    if shards:  # ZeRO takes the list of every rank's partition and picks its own; it refreshes fp32 from the weights
+        files = [ckpt / f"optimizer-rank{r:05d}.pt" for r in range(shards)]
+        optimizer.load_state_dict([torch.load(f, weights_only=False) if r == accelerator.process_index else None
+                                   for r, f in enumerate(files)])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     return int(state["step"])
 
@@ -185,11 +198,18 @@ def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerato
 
     params = [p for p in rm.model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.meta.outer_lr)
-    start = load_checkpoint(run_dir, rm, optimizer) if resume else 0
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sharded = uses_deepspeed(accelerator)
+    if sharded:
+        if min(cfg.meta.meta_batch_domains, len(names)) % world:
+            raise UserError(f"under DeepSpeed every process needs the same number of domains per meta-batch: "
+                            f"meta.meta_batch_domains={min(cfg.meta.meta_batch_domains, len(names))} is not a "
+                            f"multiple of {world} processes; change one of them")
+        rm.model, optimizer = prepare_deepspeed(accelerator, rm.model, optimizer, cfg.meta.grad_clip)
+    start = load_checkpoint(run_dir, rm, optimizer, accelerator) if resume else 0
     logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start if resume else None,
                            config=cfg.to_dict())
     pad = policy.tokenizer.pad_token_id
-    rank, world = accelerator.process_index, accelerator.num_processes
     mode = resolved_hypergrad(cfg.meta)
     bar = tqdm(total=cfg.meta.outer_steps, initial=start, desc=f"meta-train ({mode}, K={cfg.meta.inner_steps})",
                disable=not progress, unit="step")
@@ -203,33 +223,40 @@ def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerato
         with phase(step_times, "bank_reads"):
             tasks = [DomainTask(name, [banks[name].select(b, pad, rm) for b in inner],
                                 queries[name].select(q, pad, rm)) for name, inner, q in mine]
-        optimizer.zero_grad(set_to_none=False)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        stats = meta_gradient(policy, rm, tasks, cfg.meta, cfg.rloo, scale=len(drawn), timings=step_times) \
-            if tasks else {}
+        if sharded:  # DeepSpeed's backward reduce-scatters the gradients (a mean over processes), clips and steps
+            stats = meta_gradient(policy, rm, tasks, cfg.meta, cfg.rloo, scale=len(drawn) / world,
+                                  timings=step_times, backward=accelerator.backward)
+            grad_norm = float(accelerator.deepspeed_engine_wrapped.get_global_grad_norm() or 0.0)
+        else:
+            optimizer.zero_grad(set_to_none=False)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            stats = meta_gradient(policy, rm, tasks, cfg.meta, cfg.rloo, scale=len(drawn), timings=step_times) \
+                if tasks else {}
+            with phase(step_times, "all_reduce"):
+                if world > 1:  # sum of the processes' shares = the single-process mean over the meta-batch
+                    flat = torch.cat([p.grad.flatten() for p in params])
+                    torch.distributed.all_reduce(flat)
+                    offset = 0
+                    for p in params:
+                        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                        offset += p.numel()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.meta.grad_clip or float("inf")))
         stats = {k: v * len(tasks) for k, v in stats.items()}  # sums, averaged over processes below
-        with phase(step_times, "all_reduce"):
-            if world > 1:
-                flat = torch.cat([p.grad.flatten() for p in params])
-                torch.distributed.all_reduce(flat)
-                offset = 0
-                for p in params:
-                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
-                keys = sorted(stats) or ["outer_loss", "bt_loss", "query_accuracy", "inner_reward", "inner_kl"]
-                vec = torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64, device=flat.device)
-                torch.distributed.all_reduce(vec)
-                stats = dict(zip(keys, vec.tolist()))
+        if world > 1:
+            keys = sorted(stats) or ["outer_loss", "bt_loss", "query_accuracy", "inner_reward", "inner_kl"]
+            vec = torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64, device=accelerator.device)
+            torch.distributed.all_reduce(vec)
+            stats = dict(zip(keys, vec.tolist()))
         stats = {k: v / len(drawn) for k, v in stats.items()}
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.meta.grad_clip or float("inf")))
         if not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in stats.values()):
             last = (run_dir / "checkpoints" / "latest")
             where = last.read_text().strip() if last.exists() else "none yet"
             raise TrainingDiverged(f"non-finite loss or hypergradient at outer step {step} (grad norm {grad_norm}); "
                                    f"stopped, last good checkpoint: {where}; lower meta.outer_lr or meta.inner_lr")
-        optimizer.step()
+        if not sharded:
+            optimizer.step()
         step_times["total"] = time.perf_counter() - t0
         for k, v in step_times.items():
             timings[f"step_{k}"] = timings.get(f"step_{k}", 0.0) + v
@@ -240,9 +267,7 @@ def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerato
         bar.set_postfix(outer=f"{stats.get('outer_loss', float('nan')):.4f}",
                         acc=f"{stats.get('query_accuracy', float('nan')):.2f}")
         if step % cfg.meta.checkpoint_every == 0 and step < cfg.meta.outer_steps:
-            if main:
-                save_checkpoint(run_dir, step, rm, policy, optimizer)
-            accelerator.wait_for_everyone()
+            save_checkpoint(run_dir, step, rm, policy, optimizer, accelerator)
         done_here += 1
         if stop_after is not None and done_here >= stop_after:
             bar.close()
@@ -252,8 +277,9 @@ def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerato
     logger.close()
     summary = {"outer_steps": cfg.meta.outer_steps, "hypergrad": mode, "domains": names,
                "timings": timings, "reward_model": str(final_dir)}
+    save_checkpoint(run_dir, step, rm, policy, optimizer, accelerator)
+    rm.model = accelerator.unwrap_model(rm.model)
     if main:
-        save_checkpoint(run_dir, step, rm, policy, optimizer)
         rm.save(final_dir)
         atomic_write_json(run_dir / "summary.json", summary)
     accelerator.wait_for_everyone()

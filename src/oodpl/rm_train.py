@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainRMConfig
 from .data.records import PairRecord
+from .distributed import prepare_deepspeed, uses_deepspeed
 from .models import RewardModel
 from .objectives import bradley_terry_loss, pair_accuracy
 
@@ -67,7 +68,10 @@ def train_reward_model(rm: RewardModel, pairs: list[PairRecord], cfg: TrainRMCon
     model = rm.model
     model.train(False)  # dropout off: the same r_phi the bilevel method and the meta-test see
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    model, opt = accelerator.prepare(model, opt)
+    if uses_deepspeed(accelerator):  # ZeRO-1/2; accelerator.backward below also steps, opt.step() is then a no-op
+        model, opt = prepare_deepspeed(accelerator, model, opt, grad_clip=0.0)
+    else:
+        model, opt = accelerator.prepare(model, opt)
     rng = random.Random(seed)
     order = list(range(len(pairs)))
     steps_per_epoch = max(1, (len(pairs) + cfg.batch_size - 1) // cfg.batch_size)

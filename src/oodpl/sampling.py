@@ -6,7 +6,6 @@ response. Position ids come from the attention mask, so a sequence scores the sa
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -15,7 +15,7 @@ from .runlog import MetricsLogger, seed_everything
 
 def train_rm_command(cfg: Config, output: str | Path, pairs_path: str | None = None,
                      columns: dict[str, str] | None = None) -> dict:
-    from .metatrain import make_accelerator
+    from .distributed import make_accelerator
 
     accelerator = make_accelerator()  # under `accelerate launch`: data-parallel BT steps, main process writes
     main = accelerator.is_main_process
