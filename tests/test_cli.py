@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("data", "train-rm", "meta-train", "meta-test", "evaluate", "benchmark", "theory"):
+    for cmd in ("data", "train-rm", "meta-train", "meta-test", "evaluate", "benchmark", "select", "theory"):
         assert cmd in out
 
 

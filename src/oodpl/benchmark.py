@@ -28,6 +28,7 @@ Layout of the output directory (each finished unit is written atomically and ski
     DIR/seed-S/samples/{reference,dpo}/<domain>/policy.json
     DIR/seed-S/eval/<method>/<domain>.json      metrics of one (method, domain, seed)
     DIR/seed-S/units/<unit>.json                "done" markers with the unit's wall time
+    DIR/select/                                 with benchmark.select: the `oodpl select` run (selection.json/.md)
     DIR/results.json, DIR/results.csv, DIR/report.md, DIR/plots/*.png
 
 results.json schema (stable):
@@ -49,6 +50,8 @@ results.json schema (stable):
         }
       },
       "frontier": {METHOD: {DOMAIN: [{"beta", "gold_reward", "gold_reward_std", "kl", "kl_std"} per beta_test]}},
+      "selection": null, or with benchmark.select {"criterion", "folds", "best": {meta.KEY: value}, "set_flags"}
+                   (leave-one-domain-out within meta-train domains, selection.py; applied to the meta-rm methods),
       "timings": {"units": {UNIT: seconds}, "by_stage": {...}, "by_method": {...}, "wall_seconds_this_run": s}
     }
 
@@ -69,7 +72,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, RewardConfig, dump_config
+from .config import Config, RewardConfig, dump_config, with_overrides
 from .data.split import DomainSplit, build_split
 from .errors import UserError, atomic_write_json, atomic_write_text, prepare_run_dir
 from .evaluate import (dpo_pl_accuracy, gold_scores, load_samples, references_for, rm_pl_accuracy, rm_sample_scores,
@@ -93,8 +96,9 @@ def eval_seed(seed: int, domain_index: int) -> int:
     return 1_000_003 * seed + 7_919 * domain_index + 17
 
 
-def seed_config(cfg: Config, seed: int, method: str | None = None) -> Config:
-    c = copy.deepcopy(cfg)
+def seed_config(cfg: Config, seed: int, method: str | None = None, selected: dict | None = None) -> Config:
+    """The config of one seed (and one meta method: the leave-one-domain-out choice first, then the ablation)."""
+    c = with_overrides(cfg, selected, where="select") if selected and method in META_METHODS else copy.deepcopy(cfg)
     c.seed = seed
     if method == "meta-rm-bt0":
         c.meta.lambda_bt = 0.0
@@ -145,7 +149,7 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
     if not rm_path.exists():
         raise UserError(f"--reward-model {rm_path} does not exist; pass a Hugging Face sequence-classification "
                         "checkpoint directory (e.g. RUN/reward_model)")
-    from .metatrain import make_accelerator
+    from .distributed import make_accelerator
 
     # Under `accelerate launch` each process takes every world-th (domain, beta) unit; the main process writes the
     # shared files.
@@ -278,6 +282,8 @@ class Benchmark:
         units = []
         split = self.split
         domains = sorted(split.held_out)
+        if self.cfg.benchmark.select and META_METHODS & set(self.methods):
+            units.append((self.seeds[0], "select", self.run_select))
         for s in self.seeds:
             st = _SeedState(seed_config(self.cfg, s))
             if "erm-rm" in self.methods:
@@ -324,10 +330,20 @@ class Benchmark:
         rm.save(directory / "reward_model")
         atomic_write_json(directory / "train.json", {"what": what, "pairs": len(pairs), **stats})
 
+    def run_select(self) -> None:
+        from .selection import select_hyperparameters
+
+        select_hyperparameters(seed_config(self.cfg, self.seeds[0]), self.dir / "select")
+
+    def selection(self) -> dict | None:
+        path = self.dir / "select" / "selection.json"
+        return json.loads(path.read_text()) if self.cfg.benchmark.select and path.exists() else None
+
     def train_meta(self, s: int, method: str) -> None:
         from .metatrain import meta_train
 
-        cfg = seed_config(self.cfg, s, method)
+        sel = self.selection()
+        cfg = seed_config(self.cfg, s, method, sel["best"] if sel else None)
         meta_train(cfg, self.sdir(s) / method, resume=True)
 
     def train_dpo(self, s: int, st: _SeedState) -> None:
@@ -489,9 +505,12 @@ class Benchmark:
         for key, sec in unit_times.items():
             parts = key.split("/")
             by_stage[parts[1]] = by_stage.get(parts[1], 0.0) + sec
-            by_method[parts[2]] = by_method.get(parts[2], 0.0) + sec
+            method = parts[2] if len(parts) > 2 else parts[1]  # "seed-S/select" has no method part
+            by_method[method] = by_method.get(method, 0.0) + sec
+        sel = self.selection()
         return {
             "config": self.cfg.to_dict(),
+            "selection": None if sel is None else {k: sel[k] for k in ("criterion", "folds", "best", "set_flags")},
             "seeds": self.seeds,
             "split": self.split.summary(),
             "methods": methods,

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("benchmark", help="every method x held-out domain x seed, then report.md, plots, results")
     _config_args(b)
 
+    sel = sub.add_parser("select", help="choose meta.* settings by leave-one-domain-out within meta-train domains")
+    _config_args(sel)
+
     th = sub.add_parser("theory", help="convergence experiment on the toy problem (results.json + plot)")
     th.add_argument("--output", "-o", required=True)
     th.add_argument("--quick", action="store_true", help="fewer iterations (seconds)")
@@ -161,6 +164,14 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+def _cmd_select(args) -> int:
+    from .selection import render_selection, select_hyperparameters
+
+    selection = select_hyperparameters(_load_cfg(args), args.output)
+    print(render_selection(selection))
+    return 0
+
+
 def _cmd_theory(args) -> int:
     try:
         from .theory import main as theory_main
@@ -177,6 +188,7 @@ HANDLERS = {
     "meta-test": _cmd_meta_test,
     "evaluate": _cmd_evaluate,
     "benchmark": _cmd_benchmark,
+    "select": _cmd_select,
     "theory": _cmd_theory,
 }
 

@@ -7,6 +7,7 @@ Unknown keys and wrongly typed values are user errors that name the file, the li
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -128,8 +129,19 @@ class BenchmarkConfig:
         default_factory=lambda: ["reference", "erm-rm", "dpo", "meta-rm", "oracle-rm", "gold-reward"]
     )
     seeds: list[int] = field(default_factory=lambda: [0])
+    select: bool = False  # first choose meta.* settings by leave-one-domain-out (select.grid), use them for meta-rm*
     dpo_epochs: int = 1
     dpo_lr: float = 5e-4
+
+
+@dataclass
+class SelectConfig:
+    """Leave-one-domain-out selection of meta-training settings within the meta-train domains (`oodpl select`)."""
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # meta.* key -> candidate values
+    criterion: str = "outer_loss"  # "outer_loss" (lower is better) or "pair_accuracy" (higher is better)
+    folds: int = 0  # meta-train domains left out in turn; 0 = every one
+    eval_draws: int = 4  # inner batches averaged when scoring a left-out domain
 
 
 @dataclass
@@ -143,6 +155,7 @@ class Config:
     train_rm: TrainRMConfig = field(default_factory=TrainRMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     seed: int = 0
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     quiet: bool = False
@@ -267,15 +280,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        cfg = with_overrides(cfg, {key.strip(): value}, where="--set", validate=False)  # checked once, below
+    validate_config(cfg)
+    return cfg
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any], where: str = "overrides", validate: bool = True) -> Config:
+    """A copy of `cfg` with dotted-key values applied and checked like --set (UserError naming `where`)."""
+    out = copy.deepcopy(cfg)
+    for key, value in overrides.items():
         nested: dict = {}
         cursor = nested
-        parts = key.strip().split(".")
+        parts = str(key).split(".")
         for p in parts[:-1]:
             cursor = cursor.setdefault(p, {})
         cursor[parts[-1]] = value
-        _apply(cfg, nested, "--set", [], None)
-    validate_config(cfg)
-    return cfg
+        _apply(out, nested, where, [], None)
+    if validate:
+        validate_config(out)
+    return out
 
 
 def validate_config(cfg: Config) -> None:
@@ -294,6 +317,8 @@ def validate_config(cfg: Config) -> None:
     need(all(b > 0 for b in cfg.meta_test.beta_test), "meta_test.beta_test values must be > 0")
     need(cfg.meta.lambda_bt >= 0, "meta.lambda_bt must be >= 0")
     need(cfg.meta_test.optimizer in ("adam", "sgd"), "meta_test.optimizer must be adam or sgd")
+    need(cfg.select.criterion in ("outer_loss", "pair_accuracy"), "select.criterion must be outer_loss or pair_accuracy")
+    need(cfg.select.eval_draws >= 1, "select.eval_draws must be >= 1")
 
 
 def resolved_hypergrad(cfg: MetaConfig) -> str:

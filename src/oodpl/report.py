@@ -204,6 +204,12 @@ def render_report(results: dict, plots: dict[str, str], directory: Path) -> str:
              f"meta-train domains: {', '.join(split['meta_train'])}; seeds {seeds} (cfg.seed per seed; the data split "
              f"uses data.seed={cfg['data']['seed']} for every seed).")
     L.append("")
+    sel = results.get("selection")
+    if sel:
+        L.append(f"meta-rm settings chosen by leave-one-domain-out within the meta-train domains (criterion "
+                 f"{sel['criterion']}, folds {', '.join(sel['folds'])}; held-out labels unused): "
+                 + ", ".join(f"`{k}={v}`" for k, v in sel["best"].items()) + " (details: select/selection.md).")
+        L.append("")
     L.append("## Main table (mean over held-out domains; ± = std over seeds; first beta_test "
              f"= {cfg['meta_test']['beta_test'][0]:g})")
     L.append("")
