@@ -194,6 +194,10 @@ HANDLERS = {
 
 
 def _quiet_libraries(debug: bool) -> None:
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed (when installed) otherwise warns on import that it fell back to CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if debug:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
