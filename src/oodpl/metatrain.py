@@ -59,9 +59,10 @@ def load_or_build_banks(policy: Policy, split: DomainSplit, cfg: Config, directo
     return {name: SampleBank.load(directory / f"{name}.pt") for name in names}
 
 
-def build_query_sets(policy: Policy, split: DomainSplit) -> dict[str, PreferenceSet]:
+def build_query_sets(policy: Policy, split: DomainSplit, names: list[str] | None = None) -> dict[str, PreferenceSet]:
+    """Each meta-train domain's (or each of `names`') human query pairs, tokenised, with log pi_ref computed once."""
     out = {}
-    for name in sorted(split.meta_train):
+    for name in sorted(split.meta_train) if names is None else names:
         pairs = split.meta_train[name].query_pairs
         out[name] = PreferenceSet.build(policy, [p.prompt for p in pairs], [p.chosen for p in pairs],
                                         [p.rejected for p in pairs])

@@ -73,20 +73,19 @@ def folds(cfg: Config, names: list[str]) -> list[str]:
     return sorted(np.random.default_rng([cfg.data.seed, 17]).choice(names, size=k, replace=False).tolist())
 
 
-def score_fold(policy, rm, bank, query, cfg: Config, pad: int) -> dict:
-    """outer_loss and pair_accuracy of r_phi on a left-out domain, averaged over `select.eval_draws` inner batches."""
+def score_fold(policy, rm, name: str, bank, query, cfg: Config, pad: int) -> dict:
+    """outer_loss and pair_accuracy of r_phi on a left-out domain, averaged over `select.eval_draws` inner batches
+    (drawn as meta-training draws them, at steps past any run's end) and scored on all of its human query pairs."""
+    from .metatrain import draw_tasks
+
     meta = copy.deepcopy(cfg.meta)
     meta.lambda_bt = 0.0  # the policy-side meta-objective only: comparable across lambda_bt candidates
-    all_pairs = list(range(len(query)))
-    q = query.select(all_pairs, pad, rm)
+    q = query.select(list(range(len(query))), pad, rm)
     losses = []
     for j in range(cfg.select.eval_draws):
-        rng = np.random.default_rng([cfg.seed, 1_000_003, j])
-        P = len(bank.prompts)
-        B = min(cfg.rloo.batch_prompts, P)
-        inner = [bank.select(sorted(rng.choice(P, size=B, replace=False).tolist()), pad, rm)
-                 for _ in range(meta.inner_steps)]
-        losses.append(meta_objective(policy, rm, [DomainTask("held", inner, q)], meta, cfg.rloo))
+        [(_, inner, _)] = draw_tasks(1_000_003 + j, cfg, [name], {name: bank}, {name: query})
+        samples = [bank.select(b, pad, rm) for b in inner]
+        losses.append(meta_objective(policy, rm, [DomainTask(name, samples, q)], meta, cfg.rloo))
     with torch.no_grad():
         acc = pair_accuracy(rm.forward_encoded(q.rm_chosen), rm.forward_encoded(q.rm_rejected))
     return {"outer_loss": float(np.mean(losses)), "outer_loss_draws": losses, "pair_accuracy": float(acc),
@@ -95,11 +94,10 @@ def score_fold(policy, rm, bank, query, cfg: Config, pad: int) -> dict:
 
 def select_hyperparameters(cfg: Config, output: str | Path) -> dict:
     from .distributed import make_accelerator
+    from .benchmark import load_rm
     from .metatrain import build_query_sets, load_or_build_banks, meta_train
-    from .models import load_policy, load_reward_model
+    from .models import load_policy
 
-    if cfg.select.criterion not in CRITERIA:
-        raise UserError(f"select.criterion must be one of {', '.join(CRITERIA)}, got {cfg.select.criterion!r}")
     grid = candidates(cfg)
     out = Path(output)
     prepare_run_dir(out, "select", cfg.fingerprint())
@@ -114,7 +112,7 @@ def select_hyperparameters(cfg: Config, output: str | Path) -> dict:
     policy = load_policy(cfg.policy, seed=cfg.seed)
     pad = policy.tokenizer.pad_token_id
     banks = load_or_build_banks(policy, split, cfg, out / "bank", accelerator, progress)  # once for every run
-    queries = build_query_sets(policy, split)
+    queries = build_query_sets(policy, split, left_out)  # log pi_ref of the scored domains' pairs, once
 
     results = []
     for i, overrides in enumerate(grid):
@@ -137,8 +135,8 @@ def select_hyperparameters(cfg: Config, output: str | Path) -> dict:
                     print(f"select: candidate {i + 1}/{len(grid)} {overrides}, left out {d}", flush=True)
                 summary = meta_train(fc, run, resume=(run / "checkpoints" / "latest").exists(),
                                      accelerator=accelerator)
-                rm = load_reward_model(with_overrides(cfg, {"reward.name_or_path": summary["reward_model"]}).reward)
-                atomic_write_json(score_path, score_fold(policy, rm, banks[d], queries[d], c, pad))
+                rm = load_rm(Path(summary["reward_model"]), cfg)
+                atomic_write_json(score_path, score_fold(policy, rm, d, banks[d], queries[d], c, pad))
             per_fold[d] = json.loads(score_path.read_text())
         mean = {k: float(np.mean([f[k] for f in per_fold.values()])) for k in ("outer_loss", "pair_accuracy")}
         results.append({"candidate": i, "overrides": overrides, "folds": per_fold, "mean": mean})
