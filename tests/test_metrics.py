@@ -7,13 +7,16 @@ import pytest
 import torch
 
 from oodpl.metrics import (
+    agreement_units,
     aggregate_seeds,
     mean_ci95,
     pair_accuracy,
+    pair_correct,
     rm_gold_agreement,
     sequence_kl_estimate,
     t_quantile_975,
     win_rate,
+    win_units,
 )
 
 
@@ -141,3 +144,34 @@ def test_sequence_kl_estimate_is_unbiased_on_a_closed_form_case():
     x = rng.normal(1.0, 1.0, size=200_000)
     lp, lr = -0.5 * (x - 1) ** 2, -0.5 * x**2
     assert sequence_kl_estimate(lp, lr) == pytest.approx(0.5, abs=0.01)
+
+
+# ------------------------------------------------------------------------------------------ per-unit helpers
+def test_pair_correct_units_average_to_pair_accuracy():
+    c, r = [2, 1, 3, 0], [1, 1, 4, -1]
+    assert pair_correct(c, r) == [1.0, 0.5, 0.0, 1.0]
+    assert np.mean(pair_correct(c, r)) == pytest.approx(pair_accuracy(c, r))
+    assert pair_correct([], []) == []
+
+
+def test_win_units_per_slot_clustered_by_prompt():
+    vals, cl = win_units([0.9, 0.1, 0.5, 0.7], [0.2, 0.3, 0.5, 0.1], ["p", "p", "q", "q"])
+    assert vals == [1.0, 0.0, 0.5, 1.0] and cl == ["p", "p", "q", "q"]
+    assert np.mean(vals) == pytest.approx(win_rate([0.9, 0.1, 0.5, 0.7], [0.2, 0.3, 0.5, 0.1]))
+    with pytest.raises(ValueError, match="prompts"):
+        win_units([1.0], [0.0], ["p", "q"])
+
+
+def test_agreement_units_hand_example_and_pairing_across_rms():
+    # the hand example of test_rm_gold_agreement_hand_example: prompt a -> pairs (0,2) agree, (0,5) agree,
+    # (2,5) disagree; prompt b: gold tie, no unit; prompt c: one sample; prompt d: RM tie -> 0.5
+    groups = ["a", "b", "a", "c", "b", "a", "d", "d"]
+    gold = [1.0, 5.0, 2.0, 9.0, 5.0, 3.0, 1.0, 0.0]
+    rm = [0.1, -1.0, 0.3, 0.0, 4.0, 0.2, 7.0, 7.0]
+    vals, cl = agreement_units(rm, gold, groups)
+    assert vals == [1.0, 1.0, 0.0, 0.5] and cl == ["a", "a", "a", "d"]
+    assert np.mean(vals) == pytest.approx(rm_gold_agreement(rm, gold, groups))
+    # another RM on the same samples gets the same pairs in the same order (paired units): reversed RM flips them
+    vals2, cl2 = agreement_units([-x for x in rm], gold, groups)
+    assert cl2 == cl and vals2 == [0.0, 0.0, 1.0, 0.5]
+    assert agreement_units([1, 2], [0.5, 0.5], ["p", "p"]) == ([], [])

@@ -17,31 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-TIE_TOL = 1e-9
-
-# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (standard table values).
-_T975 = (
-    12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836,
-    2.446911851, 2.364624252, 2.306004135, 2.262157163, 2.228138852,
-    2.200985160, 2.178812830, 2.160368656, 2.144786688, 2.131449546,
-    2.119905299, 2.109815578, 2.100922040, 2.093024054, 2.085963447,
-    2.079613845, 2.073873068, 2.068657610, 2.063898562, 2.059538553,
-    2.055529439, 2.051830516, 2.048407142, 2.045229642, 2.042272456,
-)
-_Z975 = 1.959963984540054
-
-
-def _as_1d(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu().double().numpy()
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim == 0:
-        a = a.reshape(1)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-    return a
+from .stats import TIE_TOL, t_quantile
+from .stats import as_1d as _as_1d
 
 
 def _pair(a: Any, b: Any, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
@@ -59,21 +36,10 @@ def _outcomes(diff: np.ndarray) -> np.ndarray:
 
 
 def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with `df` degrees of freedom (df >= 1), without scipy.
-
-    df <= 30: table values. df > 30: the Cornish-Fisher expansion around the normal quantile (Abramowitz & Stegun
-    26.7.5, four terms), accurate to better than 1e-6 there.
-    """
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (df >= 1), without scipy (stats.t_quantile)."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z, v = _Z975, float(df)
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / v + g2 / v**2 + g3 / v**3 + g4 / v**4
+    return t_quantile(0.975, df)
 
 
 def pair_accuracy(chosen_scores: Any, rejected_scores: Any) -> float | None:
@@ -116,23 +82,40 @@ def mean_ci95(values: Any) -> dict:
     return {"mean": m, "low": m - half, "high": m + half, "n": n}
 
 
-def rm_gold_agreement(rm_scores: Any, gold_scores: Any, group_ids: Sequence[Any]) -> float | None:
-    """How often the reward model orders two samples of the same prompt the way the gold judge does.
+def pair_correct(chosen_scores: Any, rejected_scores: Any) -> list[float]:
+    """Per preference pair: 1 if score(chosen) > score(rejected), 0.5 on a tie, 0 otherwise (pl_accuracy's units)."""
+    c, r = _pair(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
+    return _outcomes(c - r).tolist()
 
-    Over every unordered pair (i, j) of samples with group_ids[i] == group_ids[j]: pairs whose gold scores tie
-    (|diff| < TIE_TOL) are skipped; otherwise the pair scores 1 if sign(rm_i - rm_j) == sign(gold_i - gold_j),
-    0.5 if the RM scores tie, 0 if the RM orders them the other way. Returns the mean over the scored pairs, or None
-    when there is no comparable pair (e.g. one sample per prompt, or all gold ties).
+
+def win_units(scores_a: Any, scores_b: Any, prompts: Sequence[Any]) -> tuple[list[float], list[Any]]:
+    """Per (prompt, sample index) slot: 1 if a's gold score beats b's, 0.5 on a tie, 0 otherwise; clustered by
+    prompt. Returns (values, clusters) with clusters = the prompts as given (win_rate's units)."""
+    a, b = _pair(scores_a, scores_b, "scores_a", "scores_b")
+    clusters = list(prompts)
+    if len(clusters) != a.size:
+        raise ValueError(f"prompts and scores_a differ in length ({len(clusters)} vs {a.size})")
+    return _outcomes(a - b).tolist(), clusters
+
+
+def agreement_units(rm_scores: Any, gold_scores: Any, prompts: Sequence[Any]) -> tuple[list[float], list[Any]]:
+    """The units of `rm_gold_agreement`: every unordered within-prompt pair (i < j) of samples whose gold scores
+    differ (|diff| >= TIE_TOL), in a fixed order (prompts by first appearance, then i, then j). A pair scores 1 if
+    sign(rm_i - rm_j) == sign(gold_i - gold_j), 0.5 if the RM scores tie, 0 if the RM orders them the other way.
+
+    Returns (values, clusters), clusters[k] = the prompt of pair k. The pairs depend on the gold scores and prompts
+    only, so every RM scoring the same samples gets the same pairs in the same order (paired units).
     """
     rm, gold = _pair(rm_scores, gold_scores, "rm_scores", "gold_scores")
-    groups = list(group_ids)
+    groups = list(prompts)
     if len(groups) != rm.size:
-        raise ValueError(f"group_ids and rm_scores differ in length ({len(groups)} vs {rm.size})")
+        raise ValueError(f"prompts and rm_scores differ in length ({len(groups)} vs {rm.size})")
     members: dict[Any, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
-    total, count = 0.0, 0
-    for idx in members.values():
+    values: list[float] = []
+    clusters: list[Any] = []
+    for g, idx in members.items():
         if len(idx) < 2:
             continue
         ix = np.asarray(idx)
@@ -140,15 +123,23 @@ def rm_gold_agreement(rm_scores: Any, gold_scores: Any, group_ids: Sequence[Any]
         dg = gold[ix[iu]] - gold[ix[ju]]
         dr = rm[ix[iu]] - rm[ix[ju]]
         keep = np.abs(dg) >= TIE_TOL
-        if not keep.any():
-            continue
         # Orient each pair so that gold prefers the first element; then the RM agrees iff its diff is positive.
-        oriented = dr[keep] * np.sign(dg[keep])
-        total += float(_outcomes(oriented).sum())
-        count += int(keep.sum())
-    if count == 0:
-        return None
-    return total / count
+        out = _outcomes(dr[keep] * np.sign(dg[keep])).tolist()
+        values += out
+        clusters += [g] * len(out)
+    return values, clusters
+
+
+def rm_gold_agreement(rm_scores: Any, gold_scores: Any, group_ids: Sequence[Any]) -> float | None:
+    """How often the reward model orders two samples of the same prompt the way the gold judge does.
+
+    Over every unordered pair (i, j) of samples with group_ids[i] == group_ids[j]: pairs whose gold scores tie
+    (|diff| < TIE_TOL) are skipped; otherwise the pair scores 1 if sign(rm_i - rm_j) == sign(gold_i - gold_j),
+    0.5 if the RM scores tie, 0 if the RM orders them the other way. Returns the mean over the scored pairs, or None
+    when there is no comparable pair (e.g. one sample per prompt, or all gold ties). The pairs: `agreement_units`.
+    """
+    values, _ = agreement_units(rm_scores, gold_scores, group_ids)
+    return float(np.mean(values)) if values else None
 
 
 def aggregate_seeds(per_seed: Sequence[float | None]) -> dict:
