@@ -1,5 +1,11 @@
-"""Benchmark outputs: results.csv, report.md (tables, an honest meta-rm vs erm-rm sentence, budgets, timings,
-configuration) and PNG plots (matplotlib Agg), all computed from results.json (schema: benchmark.py)."""
+"""Benchmark outputs from results.json v2 (schema: the benchmark module): results.csv, report.md and PNG plots.
+
+Everything in the report is computed from the results dict; nothing is typed in. The statistics (docs/method.md,
+"Statistics and evidence") come from `stats`: the unit of evidence is a (seed, held-out domain) cell; a method is
+compared with each baseline by the paired difference per cell, a 95% t-interval over seeds of the domain-averaged
+difference (which alone decides a verdict) and a sign test over cells; within a cell, intervals come from a bootstrap
+that resamples prompts (the samples of one prompt are not independent).
+"""
 
 from __future__ import annotations
 
@@ -8,281 +14,624 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
 
 from .errors import atomic_write_bytes, atomic_write_text
+from .stats import (
+    DESCRIPTIVE,
+    METRIC_LABELS,
+    PRIMARY,
+    SECONDARY,
+    cluster_bootstrap,
+    endpoint_kind,
+    fmt_num,
+    fmt_p,
+    paired_cluster_bootstrap,
+    paired_comparison,
+    t_interval,
+    verdict_sentence,
+)
 
-META_METHODS = {"meta-rm", "meta-rm-bt0", "meta-rm-k3"}
-METRICS = ["pl_accuracy", "gold_reward", "kl", "win_rate_vs_reference", "win_rate_vs_erm", "rm_gold_agreement"]
+ENDPOINTS = PRIMARY + SECONDARY
+METRICS = list(PRIMARY + SECONDARY + DESCRIPTIVE)  # every metric a cell may carry, in report order
+N_BOOT = 2000  # bootstrap replicates within a cell (seed 0: the report is deterministic)
+SAMPLE_CHARS = 160  # generations longer than this are cut in the samples table
 
 METRIC_MEANING = {
-    "pl_accuracy": "fraction of the held-out domain's human preference pairs (eval_pairs) that the method's reward "
-                   "orders correctly, ties 1/2 (dpo: its implicit reward beta*(log pi - log pi_ref)); "
-                   "n/a for reference and gold-reward",
-    "gold_reward": "mean gold-judge score of the policy's samples on the held-out eval prompts "
-                   "(sentiment: VADER compound in [-1, 1]; knowledge: cosine similarity to the human reference)",
-    "kl": "mean of log pi(y|x) - log pi_ref(y|x) over those samples (k1 estimate of the sequence-level KL, nats)",
-    "win_rate_vs_reference": "fraction of (prompt, sample index) slots where the judge prefers the method's sample "
-                             "to pi_ref's sample, ties 1/2 (0.5 = no better than pi_ref)",
-    "win_rate_vs_erm": "the same against the erm-rm policy's samples (0.5 = as good as ordinary RLHF)",
-    "rm_gold_agreement": "how often the method's reward model orders two of the method's own samples for the same "
-                         "prompt the way the gold judge does (its accuracy where it is used); n/a without an RM",
+    "pl_accuracy": "fraction of the held-out domain's human preference pairs that the method's reward orders "
+                   "correctly, ties 1/2 (dpo: its implicit reward)",
+    "rm_gold_agreement": "how often the reward model orders two pi_ref samples of the same prompt the way the gold "
+                         "judge does, on ONE shared set of pi_ref samples per held-out domain (every RM scores the "
+                         "same pairs)",
+    "gold_at_matched_kl": "gold reward read off the cell's frontier (gold reward vs KL over beta_test) at the KL "
+                          "every method of the cell reaches (interpolated, never extrapolated)",
+    "win_rate_vs_reference": "fraction of (prompt, sample) slots where the gold judge prefers the method's sample to "
+                             "pi_ref's, ties 1/2",
+    "win_rate_vs_erm": "the same against the erm-rm policy's samples",
+    "gold_reward": "mean gold-judge score of the policy's samples on the evaluation prompts, first beta_test",
+    "kl": "mean log pi(y|x) - log pi_ref(y|x) of those samples (k1 estimate of the sequence KL, nats), first beta_test",
+    "own_sample_agreement": "RM-gold agreement on the method's own policy samples (not comparable across RMs)",
+}
+
+DIAGNOSTIC_MEANING = {
+    "grad_ratio": "||hypergradient|| / ||lambda_bt * grad BT|| per logged outer step (near 1: both terms count)",
+    "reward_spread_ref": "spread of the RM's rewards on pi_ref samples, before / after meta-training",
+    "inner_step_length": "length of the inner policy step per logged outer step",
+    "outer_loss_lodo": "outer loss on left-out meta-train domains, before / after the inner step",
 }
 
 
+# ------------------------------------------------------------------------------------------------ helpers
+def _cells(results: dict) -> list[dict]:
+    return list(results.get("cells") or [])
 
 
+def _ran_methods(results: dict) -> list[str]:
+    """Methods with at least one cell, in results["methods"] order (then any others in order of appearance)."""
+    seen = list(dict.fromkeys(c["method"] for c in _cells(results)))
+    listed = [m for m in results.get("methods", []) if m in seen]
+    return listed + [m for m in seen if m not in listed]
 
+
+def _baselines(results: dict) -> list[str]:
+    ran = _ran_methods(results)
+    return [b for b in results.get("baselines", []) if b in ran]
+
+
+def _contenders(results: dict) -> list[str]:
+    """Non-baseline methods that ran, meta-rm first."""
+    others = [m for m in _ran_methods(results) if m not in _baselines(results)]
+    return sorted(others, key=lambda m: m != "meta-rm")
+
+
+def _domains(results: dict) -> list[str]:
+    return list(results.get("domains") or sorted({c["domain"] for c in _cells(results)}))
+
+
+def _seeds(results: dict) -> list:
+    return list(results.get("seeds") or sorted({c["seed"] for c in _cells(results)}))
+
+
+def _metric_keys(results: dict) -> list[str]:
+    present = {k for c in _cells(results) for k in (c.get("metrics") or {})}
+    return [k for k in METRICS if k in present] + sorted(present - set(METRICS))
+
+
+def _value(cell: dict, metric: str) -> float | None:
+    return (cell.get("metrics") or {}).get(metric)
+
+
+def _has(results: dict, method: str, metric: str) -> bool:
+    return any(c["method"] == method and _value(c, metric) is not None for c in _cells(results))
+
+
+def _lookup(results: dict) -> dict[tuple, dict]:
+    return {(c["seed"], c["domain"], c["method"]): c for c in _cells(results)}
+
+
+def _interval(ci: dict, digits: int = 3) -> str:
+    if ci.get("low") is None:
+        return "n/a"
+    return f"[{fmt_num(ci['low'], digits)}, {fmt_num(ci['high'], digits)}]"
+
+
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else ("+" if x >= 0 else "") + fmt_num(x)
+
+
+def _md_escape(text: Any, limit: int | None = None) -> str:
+    s = " ⏎ ".join(str(text).splitlines()) if text is not None else ""
+    if limit is not None and len(s) > limit:
+        s = s[: limit - 1].rstrip() + "…"
+    return s.replace("\\", "\\\\").replace("|", "\\|")
+
+
+def _table(head: list[str], rows: Iterable[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
+    return out
+
+
+def seed_level(results: dict, method: str, metric: str, domain: str | None = None) -> dict:
+    """A method's metric over cells: per seed, the mean over the domains (or the one `domain`) that have it, then
+    a 95% t-interval over seeds. Returns the t_interval dict plus "cells" (how many cells had a value)."""
+    by_seed: dict[Any, list[float]] = {}
+    for c in _cells(results):
+        if c["method"] == method and (domain is None or c["domain"] == domain):
+            v = _value(c, metric)
+            if v is not None:
+                by_seed.setdefault(c["seed"], []).append(float(v))
+    out = t_interval([float(np.mean(v)) for v in by_seed.values()])
+    out["cells"] = sum(len(v) for v in by_seed.values())
+    return out
+
+
+# --------------------------------------------------------------------------------------- the statistics
+def comparisons(results: dict, metrics: Iterable[str] = ENDPOINTS, methods: Iterable[str] | None = None) -> list[dict]:
+    """paired_comparison for every metric x non-baseline method that has it (meta-rm first) x baseline that ran,
+    keeping those with at least one common cell; ordered metric by metric (primary endpoints first)."""
+    cells = _cells(results)
+    methods = list(_contenders(results) if methods is None else methods)
+    out = []
+    for k in metrics:
+        for m in methods:
+            if not _has(results, m, k):
+                continue
+            for b in _baselines(results):
+                if b == m:
+                    continue
+                comp = paired_comparison(cells, k, m, b)
+                if comp["n_cells"]:
+                    out.append(comp)
+    return out
+
+
+def verdict_lines(results: dict, methods: Iterable[str] | None = None, metrics: Iterable[str] = ENDPOINTS) -> list[str]:
+    """One sentence per paired comparison (stats.verdict_sentence): primary endpoints first, meta-rm first within
+    each, against every baseline in results["baselines"] that ran."""
+    metrics = list(metrics)
+    ordered = [k for k in metrics if k in PRIMARY] + [k for k in metrics if k not in PRIMARY]
+    comps = comparisons(results, ordered, methods)
+    rank = {m: i for i, m in enumerate(_contenders(results) if methods is None else list(methods))}
+    kind = {k: endpoint_kind(k) != "primary" for k in ordered}
+    comps.sort(key=lambda c: (kind[c["metric"]], rank.get(c["method"], len(rank)), ordered.index(c["metric"])))
+    return [verdict_sentence(c) for c in comps]
+
+
+def summary_table(results: dict, metrics: Iterable[str] = ENDPOINTS) -> str:
+    """Per method, each metric's mean over cells with a 95% interval and n: markdown (the table the CLI prints)."""
+    metrics = [k for k in metrics if any(_has(results, m, k) for m in _ran_methods(results))]
+    rows = []
+    for m in _ran_methods(results):
+        row = [m]
+        for k in metrics:
+            s = seed_level(results, m, k)
+            row.append("n/a" if s["mean"] is None else f"{fmt_num(s['mean'])} {_interval(s)} (n={s['cells']})")
+        rows.append(row)
+    head = ["method"] + [f"{k} ({endpoint_kind(k)})" for k in metrics]
+    note = ("Each entry: mean, 95% t-interval over seeds of the domain-averaged value, n = (seed, domain) cells "
+            "with a value; n/a = does not apply.")
+    return "\n".join(_table(head, rows) + ["", note])
+
+
+def comparison_table(comps: list[dict]) -> str:
+    rows = []
+    for c in comps:
+        s = c["sign"]
+        sign = f"{s['positive']}/{s['n']}, p = {fmt_p(s['p'])}" + (f" ({s['ties']} tied)" if s["ties"] else "")
+        rows.append([c["metric"], endpoint_kind(c["metric"]), c["method"], c["baseline"], _signed(c["mean_diff"]),
+                     _interval(c["t"]), c["n_seeds"], sign, c["n_cells"], c["verdict"]])
+    head = ["metric", "endpoint", "method", "baseline", "mean diff", "95% t-interval over seeds", "seeds",
+            "sign test (higher/untied, p)", "n cells", "verdict (t-interval)"]
+    return "\n".join(_table(head, rows))
+
+
+def _units(cell: dict | None, metric: str) -> dict | None:
+    u = ((cell or {}).get("units") or {}).get(metric)
+    return u if u and u.get("values") is not None else None
+
+
+def _cell_boot(cell: dict, metric: str) -> dict | None:
+    u = _units(cell, metric)
+    return None if u is None else cluster_bootstrap(u["values"], u["clusters"], n_boot=N_BOOT, seed=0)
+
+
+def _paired_boot(cell: dict, base: dict | None, metric: str) -> dict | None:
+    u, v = _units(cell, metric), _units(base, metric)
+    if u is None or v is None:
+        return None
+    if len(u["values"]) != len(v["values"]) or list(u["clusters"]) != list(v["clusters"]):
+        raise ValueError(f"results.json: the {metric} units of {cell['method']} and {base['method']} in seed "
+                         f"{cell['seed']}, domain {cell['domain']} are not the same items (lengths "
+                         f"{len(u['values'])} vs {len(v['values'])}); the benchmark must score the same units")
+    return paired_cluster_bootstrap(u["values"], v["values"], u["clusters"], n_boot=N_BOOT, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------- CSV
 def write_csv(path: Path, results: dict) -> None:
+    """results.csv: one row per cell and metric, with the cell's units and prompt-clustered bootstrap interval."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "domain", "metric", "mean", "std", "n", "per_seed"])
-    for m, mv in results["methods"].items():
-        rows = list(mv["domains"].items()) + [("mean_over_domains", mv["mean_over_domains"])]
-        for d, dv in rows:
-            for k in METRICS:
-                a = dv[k]
-                w.writerow([m, d, k, "" if a["mean"] is None else a["mean"], "" if a["std"] is None else a["std"],
-                            a["n"], json.dumps(a["per_seed"])])
+    w.writerow(["seed", "domain", "method", "metric", "value", "units", "clusters", "boot_low", "boot_high",
+                "matched_kl", "n"])
+    blank = (lambda x: "" if x is None else x)
+    for c in _cells(results):
+        for k, v in (c.get("metrics") or {}).items():
+            b = _cell_boot(c, k) or {}
+            w.writerow([c["seed"], c["domain"], c["method"], k, blank(v), blank(b.get("units")),
+                        blank(b.get("clusters")), blank(b.get("low")), blank(b.get("high")),
+                        blank(c.get("matched_kl")), json.dumps(c.get("n") or {}, sort_keys=True)])
     atomic_write_text(path, buf.getvalue())
 
 
-def _cell(a: dict, digits: int = 3) -> str:
-    if a is None or a["mean"] is None:
-        return "n/a"
-    if a["n"] > 1:
-        return f"{a['mean']:.{digits}f} ± {a['std']:.{digits}f}"
-    return f"{a['mean']:.{digits}f}"
-
-
-def metric_table(results: dict, metric: str) -> str:
-    methods = list(results["methods"])
-    domains = list(next(iter(results["methods"].values()))["domains"]) if methods else []
-    head = "| method | " + " | ".join(domains) + " | mean over domains |"
-    sep = "|---" * (len(domains) + 2) + "|"
-    lines = [head, sep]
-    for m in methods:
-        mv = results["methods"][m]
-        cells = [_cell(mv["domains"][d][metric]) for d in domains] + [_cell(mv["mean_over_domains"][metric])]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main_table(results: dict) -> str:
-    """Methods x metrics, each the mean over held-out domains (± std over seeds)."""
-    lines = ["| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for m, mv in results["methods"].items():
-        lines.append(f"| {m} | " + " | ".join(_cell(mv["mean_over_domains"][k]) for k in METRICS) + " |")
-    return "\n".join(lines)
-
-
-def comparison_sentence(results: dict) -> str:
-    """An honest one-paragraph comparison of meta-rm with erm-rm, computed from the numbers."""
-    ms = results["methods"]
-    if "meta-rm" not in ms or "erm-rm" not in ms:
-        return "meta-rm and erm-rm were not both run, so they are not compared."
-    n = len(results["seeds"])
-    parts = []
-    for k, what, higher in (("gold_reward", "gold reward", True), ("pl_accuracy", "held-out PL accuracy", True)):
-        a, b = ms["meta-rm"]["mean_over_domains"][k], ms["erm-rm"]["mean_over_domains"][k]
-        if a["mean"] is None or b["mean"] is None:
-            continue
-        diff = a["mean"] - b["mean"]
-        verb = "ties with" if diff == 0 else ("beats" if (diff > 0) == higher else "loses to")
-        spread = max(a["std"] or 0.0, b["std"] or 0.0)
-        note = ""
-        if n == 1:
-            note = " (one seed: no spread is estimated, so this is not evidence of a real difference)"
-        elif abs(diff) <= spread:
-            note = f" (within one seed standard deviation, {spread:.3f}: not a reliable difference)"
-        parts.append(f"on {what} meta-rm {verb} erm-rm ({a['mean']:.3f} vs {b['mean']:.3f}, "
-                     f"difference {diff:+.3f}){note}")
-    w = ms["meta-rm"]["mean_over_domains"]["win_rate_vs_erm"]
-    if w["mean"] is not None:
-        verb = "wins" if w["mean"] > 0.5 else ("loses" if w["mean"] < 0.5 else "ties")
-        parts.append(f"in head-to-head judge comparisons meta-rm {verb} against erm-rm "
-                     f"(win rate {w['mean']:.3f}; 0.5 = even)")
-    if not parts:
-        return "No metric is available for both meta-rm and erm-rm."
-    text = "; ".join(parts)
-    return "Averaged over the held-out domains, " + text + "."
-
-
-def make_plots(directory: Path, results: dict, first_seed: int) -> dict[str, str]:
+# ------------------------------------------------------------------------------------------------ plots
+def make_plots(directory: Path, results: dict) -> list[str]:
+    """PNG plots under directory/plots; returns their paths relative to `directory`. The frontier plot only with
+    at least two beta_test values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = directory / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    made = {}
+    directory = Path(directory)
+    made: list[str] = []
 
     def save(fig, name):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        atomic_write_bytes(out_dir / name, buf.getvalue())
-        made[name] = f"plots/{name}"
+        atomic_write_bytes(directory / "plots" / name, buf.getvalue())
+        made.append(f"plots/{name}")
 
-    # gold reward vs KL: one point per beta_test, averaged over held-out domains (and seeds)
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for m, per_domain in results["frontier"].items():
-        by_beta: dict = {}
-        for pts in per_domain.values():
-            for p in pts:
-                if p["gold_reward"] is None or p["kl"] is None:
-                    continue
-                key = p["beta"]
-                by_beta.setdefault(key, []).append((p["kl"], p["gold_reward"]))
-        xs, ys, labels = [], [], []
-        for key in sorted(by_beta, key=lambda b: -1 if b is None else b):
-            v = by_beta[key]
-            xs.append(sum(x for x, _ in v) / len(v))
-            ys.append(sum(y for _, y in v) / len(v))
-            labels.append(key)
-        if not xs:
-            continue
-        line = ax.plot(xs, ys, marker="o", label=m)[0]
-        for x, y, b in zip(xs, ys, labels):
-            if b is not None and len(labels) > 1:
-                ax.annotate(f"β={b:g}", (x, y), fontsize=7, color=line.get_color(), xytext=(3, 3),
-                            textcoords="offset points")
-    ax.set_xlabel("KL(π || π_ref) of samples (nats, mean over held-out domains)")
-    ax.set_ylabel("gold reward (mean over held-out domains)")
-    ax.set_title("Gold reward vs KL (one point per beta_test)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, "frontier.png")
-
-    # per-domain bars of gold reward (first beta_test), error bars = std over seeds
-    methods = list(results["methods"])
-    domains = list(next(iter(results["methods"].values()))["domains"]) if methods else []
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(domains) + 2), 4.2))
-    width = 0.8 / max(1, len(methods))
-    for i, m in enumerate(methods):
-        vals = [results["methods"][m]["domains"][d]["gold_reward"] for d in domains]
-        ax.bar([j + i * width for j in range(len(domains))], [v["mean"] or 0.0 for v in vals], width,
-               yerr=[v["std"] or 0.0 for v in vals], label=m, capsize=2)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(domains))])
-    ax.set_xticklabels(domains, rotation=15, fontsize=8)
-    ax.set_ylabel("gold reward (first beta_test)")
-    ax.set_title("Gold reward per held-out domain")
-    ax.axhline(0, color="black", lw=0.5)
-    ax.legend(fontsize=7, ncol=2)
-    save(fig, "gold_reward_by_domain.png")
-
-    # meta-training curves of the first seed
-    runs = [(m, directory / f"seed-{first_seed}" / m / "metrics.jsonl") for m in methods if m in META_METHODS]
-    runs = [(m, p) for m, p in runs if p.exists()]
-    if runs:
-        keys = ["outer_loss", "bt_loss", "query_accuracy"]
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-        for m, p in runs:
-            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-            for ax, k in zip(axes, keys):
-                pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
-                if pts:
-                    ax.plot([a for a, _ in pts], [b for _, b in pts], label=m)
-        for ax, k in zip(axes, keys):
-            ax.set_title(k)
-            ax.set_xlabel("outer step")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"Meta-training (seed {first_seed})")
-        fig.tight_layout(rect=(0, 0, 1, 0.92))  # keep the title clear of the panel titles
-        save(fig, "meta_training.png")
+    if len(results.get("betas") or []) >= 2 and _frontier_plot(plt, results):
+        save(plt.gcf(), "frontier.png")
+    bars = [k for k in ("pl_accuracy", "rm_gold_agreement", "gold_at_matched_kl")
+            if any(_has(results, m, k) for m in _ran_methods(results))]
+    if bars:
+        _domain_bars(plt, results, bars)
+        save(plt.gcf(), "by_domain.png")
+    if _curves_plot(plt, results):
+        save(plt.gcf(), "meta_training.png")
     return made
 
 
-def render_report(results: dict, plots: dict[str, str], directory: Path) -> str:
-    cfg = results["config"]
-    seeds = results["seeds"]
-    split = results["split"]
-    t = results["timings"]
-    L = ["# oodpl benchmark report", ""]
-    L.append(f"Task **{split['task']}**; held-out domains: {', '.join(split['held_out'])}; "
-             f"meta-train domains: {', '.join(split['meta_train'])}; seeds {seeds} (cfg.seed per seed; the data split "
-             f"uses data.seed={cfg['data']['seed']} for every seed).")
-    L.append("")
-    sel = results.get("selection")
-    if sel:
-        L.append(f"meta-rm settings chosen by leave-one-domain-out within the meta-train domains (criterion "
-                 f"{sel['criterion']}, folds {', '.join(sel['folds'])}; held-out labels unused): "
-                 + ", ".join(f"`{k}={v}`" for k, v in sel["best"].items()) + " (details: select/selection.md).")
-        L.append("")
-    L.append("## Main table (mean over held-out domains; ± = std over seeds; first beta_test "
-             f"= {cfg['meta_test']['beta_test'][0]:g})")
-    L.append("")
-    L.append(main_table(results))
-    L.append("")
-    L.append(comparison_sentence(results))
-    L.append("")
-    L.append("## What each number means")
-    L.append("")
-    for k in METRICS:
-        L.append(f"- `{k}`: {METRIC_MEANING[k]}.")
-    L.append("- Each cell is the mean over seeds of the per-seed value (± the standard deviation over seeds when there "
-             "is more than one seed); `n/a` = the metric does not apply. The 95% interval of `gold_reward` over "
-             "samples is in results.json (`gold_reward_ci`, per seed).")
-    L.append("- Upper bounds, not competitors: `oracle-rm` trains on labelled pairs of the held-out domain itself, "
-             "`gold-reward` optimises the gold judge itself.")
-    L.append("")
-    L.append("## Per-domain tables")
-    for k in METRICS:
-        L.append("")
-        L.append(f"### {k}")
-        L.append("")
-        L.append(metric_table(results, k))
-    L.append("")
-    L.append("## Plots")
-    L.append("")
-    for name, rel in plots.items():
-        L.append(f"![{name}]({rel})")
-    L.append("")
-    L.append("## Budgets")
-    L.append("")
-    mt, rl, me, pc = cfg["meta_test"], cfg["rloo"], cfg["meta"], cfg["policy"]
-    pairs = sum(v["query_pairs"] for v in split["meta_train"].values())
-    L.append(f"- Models: policy `{pc['name_or_path']}` ({pc['trainable']}, r={pc['lora_r']}), reward backbone "
-             f"`{cfg['reward']['name_or_path']}`; judge `{cfg['eval']['judge']}`.")
-    L.append(f"- Data: {len(split['meta_train'])} meta-train domains x {cfg['data']['support_size']} support prompts / "
-             f"{cfg['data']['query_size']} query pairs ({pairs} pairs pooled for erm-rm and dpo); held-out: "
-             f"{cfg['data']['eval_prompts']} eval prompts and {cfg['data']['eval_pairs']} eval pairs per domain.")
-    L.append(f"- Meta-test (every RM method and gold-reward): {mt['steps']} RLOO steps, {mt['optimizer']} lr "
-             f"{mt['lr']:g}, {rl['batch_prompts']} prompts x {rl['num_samples']} samples per step, beta_test "
-             f"{mt['beta_test']}, {pc['max_new_tokens']} new tokens; evaluation: {cfg['eval']['samples_per_prompt']} "
-             "samples per eval prompt.")
-    L.append(f"- Meta-training (meta-rm): {me['outer_steps']} outer steps, outer lr {me['outer_lr']:g}, "
-             f"{me['meta_batch_domains']} domains per step, K={me['inner_steps']}, inner lr {me['inner_lr']:g}, "
-             f"beta {rl['beta']:g}, lambda_bt {me['lambda_bt']:g}, {me['query_batch']} query pairs per domain; "
-             "ablations: meta-rm-bt0 (lambda_bt=0), meta-rm-k3 (K=3, truncated hypergradient).")
-    L.append(f"- erm-rm / oracle-rm: Bradley-Terry, {cfg['train_rm']['epochs']} epoch(s), lr {cfg['train_rm']['lr']:g}, "
-             f"batch {cfg['train_rm']['batch_size']}; oracle-rm uses at most as many pairs as erm-rm. dpo: "
-             f"{cfg['benchmark']['dpo_epochs']} epoch(s), lr {cfg['benchmark']['dpo_lr']:g}, beta {rl['beta']:g}.")
-    L.append("- Hyper-parameters are set on meta-train domains only; no held-out label is used except by oracle-rm "
-             "(by design) and for the metrics.")
-    L.append("")
-    L.append("## Timings")
-    L.append("")
-    L.append(f"Sum of unit times {t['total_unit_seconds']:.1f} s; wall time of the last invocation "
-             f"{t['wall_seconds_this_run']:.1f} s (finished units of earlier invocations are skipped).")
-    L.append("")
-    L.append("| stage | seconds |")
-    L.append("|---|---|")
-    for k, v in sorted(t["by_stage"].items()):
-        L.append(f"| {k} | {v:.1f} |")
-    L.append("")
-    L.append("| method | seconds (training + meta-test + evaluation) |")
-    L.append("|---|---|")
-    for k, v in sorted(t["by_method"].items()):
-        L.append(f"| {k} | {v:.1f} |")
-    L.append("")
-    L.append("## Configuration")
-    L.append("")
-    L.append("```yaml")
-    import yaml
+def _frontier_plot(plt, results: dict) -> bool:
+    """Gold reward vs KL per method: per beta_test, the mean over cells; error bars = 95% t-intervals over seeds
+    of the domain-averaged gold reward (vertical) and KL (horizontal)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    drawn = False
+    for m in _ran_methods(results):
+        per_beta: dict[Any, dict[Any, list[tuple[float, float]]]] = {}
+        for c in _cells(results):
+            if c["method"] != m:
+                continue
+            for p in c.get("frontier") or []:
+                if p.get("kl") is not None and p.get("gold_reward") is not None:
+                    per_beta.setdefault(p.get("beta"), {}).setdefault(c["seed"], []).append(
+                        (float(p["kl"]), float(p["gold_reward"])))
+        pts = []
+        for beta, by_seed in per_beta.items():
+            kl = t_interval([np.mean([x for x, _ in v]) for v in by_seed.values()])
+            gold = t_interval([np.mean([y for _, y in v]) for v in by_seed.values()])
+            pts.append((kl, gold, beta))
+        if not pts:
+            continue
+        pts.sort(key=lambda p: p[0]["mean"])
+        err = (lambda ci: [[0.0 if ci["low"] is None else ci["mean"] - ci["low"]],
+                           [0.0 if ci["high"] is None else ci["high"] - ci["mean"]]])
+        xs, ys = [p[0]["mean"] for p in pts], [p[1]["mean"] for p in pts]
+        line = ax.plot(xs, ys, marker="o", label=m)[0]
+        for kl, gold, beta in pts:
+            ax.errorbar([kl["mean"]], [gold["mean"]], xerr=err(kl), yerr=err(gold), color=line.get_color(),
+                        capsize=2, lw=0.8)
+            if beta is not None:
+                ax.annotate(f"β={beta:g}", (kl["mean"], gold["mean"]), fontsize=7, color=line.get_color(),
+                            xytext=(3, 3), textcoords="offset points")
+        drawn = True
+    ax.set_xlabel("KL(π || π_ref) of evaluation samples (nats)")
+    ax.set_ylabel("gold reward")
+    ax.set_title("Gold reward vs KL, one point per beta_test\n(mean over cells; bars: 95% t-intervals over seeds)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        plt.close(fig)
+    return drawn
 
-    L.append(yaml.safe_dump(cfg, sort_keys=False).rstrip())
-    L.append("```")
+
+def _domain_bars(plt, results: dict, metrics: list[str]) -> None:
+    """Per held-out domain and method: mean over seeds, error bars = 95% t-interval over seeds."""
+    domains = _domains(results)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(6.0, 1.6 * len(domains) + 2) * len(metrics), 4.2),
+                             squeeze=False)
+    for ax, k in zip(axes[0], metrics):
+        methods = [m for m in _ran_methods(results) if _has(results, m, k)]
+        width = 0.8 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            cis = [seed_level(results, m, k, d) for d in domains]
+            means = [np.nan if ci["mean"] is None else ci["mean"] for ci in cis]
+            lo = [0.0 if ci["low"] is None else ci["mean"] - ci["low"] for ci in cis]
+            hi = [0.0 if ci["high"] is None else ci["high"] - ci["mean"] for ci in cis]
+            ax.bar([j + i * width for j in range(len(domains))], means, width, yerr=[lo, hi], label=m, capsize=2)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(domains))])
+        ax.set_xticklabels(domains, rotation=15, fontsize=8)
+        ax.set_title(f"{k} ({endpoint_kind(k)})", fontsize=10)
+        ax.axhline(0.5 if k != "gold_at_matched_kl" else 0.0, color="black", lw=0.5)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle("Per held-out domain: mean over seeds, 95% t-interval over seeds")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+
+
+def _curves_plot(plt, results: dict) -> bool:
+    curves = results.get("meta_curves") or {}
+    series = [(f"{m} ({s})", rows) for s, per in curves.items() for m, rows in (per or {}).items() if rows]
+    keys: list[str] = []
+    for _, rows in series:
+        for r in rows:
+            for k, v in r.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keys:
+                    keys.append(k)
+    first = ["outer_loss", "bt_loss", "grad_ratio", "inner_kl", "query_accuracy"]
+    keys = ([k for k in first if k in keys] + [k for k in keys if k not in first])[:6]
+    if not keys:
+        return False
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for label, rows in series:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])
+                   and "step" in r]
+            if pts:
+                ax.plot([a for a, _ in pts], [b for _, b in pts], label=label, lw=1)
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel("outer step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("Meta-training curves")
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _provenance(results: dict) -> str:
+    p = results.get("provenance")
+    if not p:
+        return "_Provenance: not recorded in results.json (command, date, machine, wall time)._"
+    parts = []
+    if p.get("command"):
+        parts.append(f"Generated by `{p['command']}`")
+    if p.get("date"):
+        parts.append(f"on {p['date']}")
+    if p.get("machine"):
+        parts.append(f"on {p['machine']}")
+    if p.get("wall_seconds") is not None:
+        ws = float(p["wall_seconds"])
+        parts.append(f"wall time {ws:.0f} s ({ws / 60:.1f} min)")
+    if p.get("load") is not None:
+        parts.append(f"load {p['load'] if isinstance(p['load'], str) else json.dumps(p['load'])}")
+    known = {"command", "date", "machine", "wall_seconds", "load"}
+    parts += [f"{k}: {v}" for k, v in p.items() if k not in known]
+    return ", ".join(parts) + "."
+
+
+def _render_value(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, (int, float)):
+        return fmt_num(float(v))
+    if isinstance(v, list):
+        nums = [float(x) for x in v if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if nums and len(nums) == len(v):
+            if len(nums) == 1:
+                return fmt_num(nums[0])
+            return (f"{fmt_num(nums[0])} → {fmt_num(nums[-1])} (mean {fmt_num(float(np.mean(nums)))}, "
+                    f"min {fmt_num(min(nums))}, max {fmt_num(max(nums))}, n={len(nums)})")
+        return _md_escape(json.dumps(v), 200)
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_render_value(x)}" for k, x in v.items())
+    return _md_escape(v, 200)
+
+
+def _split_lines(results: dict) -> list[str]:
+    split = results.get("split") or {}
+    L = []
+    for part, title in (("meta_train", "meta-train domains"), ("held_out", "held-out domains")):
+        doms = split.get(part)
+        if isinstance(doms, dict) and doms and all(isinstance(v, dict) for v in doms.values()):
+            cols = list(dict.fromkeys(k for v in doms.values() for k in v))
+            L += [f"{title.capitalize()} (n per domain):", ""]
+            L += _table(["domain"] + cols, [[d] + [v.get(c, "") for c in cols] for d, v in doms.items()])
+            L.append("")
+        elif doms:
+            L += [f"{title.capitalize()}: {', '.join(map(str, doms))}.", ""]
+    return L
+
+
+def _per_domain_lines(results: dict) -> list[str]:
+    lk = _lookup(results)
+    baselines = _baselines(results)
+    methods = _ran_methods(results)
+    seeds = _seeds(results)
+    keys = _metric_keys(results)
+    L = []
+    for d in _domains(results):
+        L += [f"### {d}", ""]
+        for k in keys:
+            if not any(_units(lk.get((s, d, m)), k) for s in seeds for m in methods):
+                continue
+            rows = []
+            for m in methods:
+                for s in seeds:
+                    c = lk.get((s, d, m))
+                    if c is None or _value(c, k) is None:
+                        continue
+                    b = _cell_boot(c, k) or {}
+                    row = [m, s, fmt_num(_value(c, k)), _interval(b),
+                           f"{b.get('units', 'n/a')} / {b.get('clusters', 'n/a')}"]
+                    for base in baselines:
+                        pb = None if m == base else _paired_boot(c, lk.get((s, d, base)), k)
+                        row.append("—" if pb is None else f"{_signed(pb['mean'])} {_interval(pb)}")
+                    rows.append(row)
+            if rows:
+                L += [f"**{k}** ({endpoint_kind(k)}): value per cell, 95% prompt-clustered bootstrap interval, and "
+                      "the paired within-cell difference to each baseline (same units, bootstrap over prompts)", ""]
+                L += _table(["method", "seed", k, "95% bootstrap", "units / prompts"]
+                            + [f"Δ vs {b} [95%]" for b in baselines], rows)
+                L.append("")
+        rest = [k for k in keys if not any(_units(lk.get((s, d, m)), k) for s in seeds for m in methods)]
+        rows = []
+        for m in methods:
+            row, any_value = [m], False
+            for k in rest:
+                ci = seed_level(results, m, k, d)
+                any_value |= ci["mean"] is not None
+                row.append("n/a" if ci["mean"] is None else f"{fmt_num(ci['mean'])} {_interval(ci)} (n={ci['n']})")
+            if any_value:
+                rows.append(row)
+        if rest and rows:
+            L += ["Metrics without per-unit values: mean over seeds, 95% t-interval over seeds, n = seeds", ""]
+            L += _table(["method"] + rest, rows)
+            L.append("")
+    return L
+
+
+def _samples_lines(results: dict) -> list[str]:
+    table = results.get("samples_table") or {}
+    L = []
+    for d, rows in table.items():
+        if not rows:
+            continue
+        cols = list(dict.fromkeys(k for r in rows for k in r if k != "prompt"))
+        order = ["reference", "erm-rm", "erm-rm-extra", "meta-rm"]
+        cols = [c for c in order if c in cols] + [c for c in cols if c not in order]
+        L += [f"### {d}", ""]
+        L += _table(["prompt"] + cols,
+                    [[_md_escape(r.get("prompt"), SAMPLE_CHARS)] + [_md_escape(r.get(c), SAMPLE_CHARS) for c in cols]
+                     for r in rows])
+        L.append("")
+    return L
+
+
+def _diagnostics_lines(results: dict) -> list[str]:
+    diag = results.get("diagnostics") or {}
+    rows = [[s, m, k, _render_value(v)] for s, per in diag.items() for m, ds in (per or {}).items()
+            for k, v in (ds or {}).items()]
+    if not rows:
+        return ["No diagnostics were recorded.", ""]
+    L = _table(["seed", "method", "diagnostic", "value"], rows) + [""]
+    seen = {r[2] for r in rows}
+    L += [f"- `{k}`: {DIAGNOSTIC_MEANING[k]}." for k in DIAGNOSTIC_MEANING if k in seen]
+    L += ["- Lists are shown as first → last value (mean, min, max, n = logged steps)."]
+    return L + [""]
+
+
+def _selection_lines(results: dict) -> list[str]:
+    sel = results.get("selection") or {}
+    if not sel:
+        return ["No selection was run: every method used its configured settings.", ""]
+    L = []
+    for m, s in sel.items():
+        best = s.get("best") or {}
+        L += [f"- **{m}**: criterion `{s.get('criterion')}`; chosen: "
+              + (", ".join(f"`{k}={v}`" for k, v in best.items()) or "n/a") + "."]
+        cands = s.get("candidates") or []
+        if cands and all(isinstance(c, dict) for c in cands):
+            cols = list(dict.fromkeys(k for c in cands for k in c))
+            L += ["", *_table(["candidate"] + cols, [[i] + [_render_value(c.get(k)) for k in cols]
+                                                      for i, c in enumerate(cands)]), ""]
+    return L + [""]
+
+
+def _timings_lines(results: dict) -> list[str]:
+    t = results.get("timings") or {}
+    if not t:
+        return ["No timings were recorded.", ""]
+    L = []
+    if t.get("total_unit_seconds") is not None:
+        L.append(f"Sum of unit times {float(t['total_unit_seconds']):.1f} s over {len(t.get('units') or {})} units; "
+                 f"wall time of the last invocation {float(t.get('wall_seconds_this_run') or 0.0):.1f} s "
+                 "(finished units of earlier invocations are skipped).")
+        L.append("")
+    for key, name in (("by_stage", "stage"), ("by_method", "method")):
+        if t.get(key):
+            L += _table([name, "seconds"], [[k, f"{float(v):.1f}"] for k, v in sorted(t[key].items())]) + [""]
+    return L
+
+
+def render_report(results: dict, plots: list[str], directory: Path) -> str:
+    """report.md as markdown. `plots` are the paths make_plots returned (relative to `directory`)."""
+    plots = list(plots)
+    plot = {Path(p).stem: p for p in plots}
+    methods, baselines = _ran_methods(results), _baselines(results)
+    seeds, domains = _seeds(results), _domains(results)
+    split = results.get("split") or {}
+    L = ["# oodpl benchmark report", "", _provenance(results), ""]
+    L.append(f"Task **{split.get('task', 'n/a')}**; {len(seeds)} seeds {seeds} x {len(domains)} held-out domains "
+             f"({', '.join(domains)}) = {len(seeds) * len(domains)} cells per method; methods: {', '.join(methods)}; "
+             f"baselines for the paired differences: {', '.join(baselines) or 'none ran'}; "
+             f"beta_test {results.get('betas')}.")
     L.append("")
+
+    L += ["## Verdicts", ""]
+    L.append(f"Primary endpoints (fixed before any run): {', '.join(PRIMARY)}. Secondary: {', '.join(SECONDARY)}. "
+             "Each sentence comes from a paired comparison over (seed, domain) cells: the 95% t-interval over seeds "
+             "of the domain-averaged difference decides (above 0: higher, below 0: lower, else no significant "
+             "difference); the sign test over cells is reported beside it.")
+    L.append("")
+    prim = verdict_lines(results, metrics=PRIMARY)
+    sec = verdict_lines(results, metrics=SECONDARY)
+    L += ["**Primary endpoints**", ""] + ([f"- {s}" for s in prim] or ["- No paired comparison is possible."])
+    L += ["", "**Secondary endpoints**", ""] + ([f"- {s}" for s in sec] or ["- No paired comparison is possible."])
+    L.append("")
+
+    L += ["## Paired comparisons", ""]
+    comps = comparisons(results, METRICS)
+    L += [comparison_table(comps) if comps else "No method and baseline share a cell.", ""]
+    L.append("Mean diff = method - baseline averaged over the n cells where both have the metric; the t-interval is "
+             "over seeds of the per-seed mean over domains; sign test: cells where the method is higher / cells "
+             "without a tie, exact two-sided binomial p.")
+    L.append("")
+
+    L += ["## Summary per method", "", summary_table(results, METRICS), ""]
+    L += [f"- `{k}` ({endpoint_kind(k)}): {METRIC_MEANING.get(k, METRIC_LABELS.get(k, k))}."
+          for k in _metric_keys(results)]
+    L.append("")
+
+    L += ["## Per held-out domain", ""]
+    L.append(f"Within a cell, intervals are percentile bootstraps ({N_BOOT} replicates) that resample prompts with "
+             "all their units (pairs or samples), because the samples of one prompt are not independent.")
+    L.append("")
+    L += _per_domain_lines(results)
+
+    L += ["## Plots", ""]
+    if "frontier" in plot:
+        L += [f"![gold reward vs KL]({plot['frontier']})", ""]
+    else:
+        L += [f"No frontier plot: it needs at least two beta_test values (this run: {results.get('betas')}).", ""]
+    if "by_domain" in plot:
+        L += [f"![per-domain bars]({plot['by_domain']})", ""]
+    if "meta_training" in plot:
+        L += [f"![meta-training curves]({plot['meta_training']})", ""]
+    else:
+        L += ["No meta-training curves were recorded.", ""]
+    L += [f"![{Path(p).stem}]({p})" for p in plots if Path(p).stem not in ("frontier", "by_domain", "meta_training")]
+
+    L += ["## Samples side by side", ""]
+    L += _samples_lines(results) or ["No samples table was recorded.", ""]
+    L += ["## Diagnostics", ""] + _diagnostics_lines(results)
+    L += ["## Selection", ""] + _selection_lines(results)
+    L += ["## Data", ""] + _split_lines(results)
+    L += ["## Timings", ""] + _timings_lines(results)
+
+    L += ["## What n means", ""]
+    L.append("- Verdicts, paired comparisons, summary: n = (seed, held-out domain) cells where the metric exists for "
+             "both methods (for the summary: for the method); the t-interval's n is the number of seeds.")
+    L.append("- Per-domain tables: units = the items scored in the cell (pl_accuracy: held-out human pairs; "
+             "rm_gold_agreement: within-prompt pairs of the shared pi_ref samples whose gold scores differ; "
+             "gold_reward: policy samples), prompts = the clusters the bootstrap resamples; the per-domain means "
+             "without units have n = seeds.")
+    L.append("- Each cell's own counts (eval_pairs, agreement_pairs, eval_prompts, samples) are in results.csv "
+             "(column n) and results.json.")
+    L.append("")
+    cfg = results.get("config")
+    if cfg:
+        import yaml
+
+        L += ["## Configuration", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(L)
+
+
+# ------------------------------------------------------------------ names the CLI imports (kept working)
+def main_table(results: dict) -> str:
+    return summary_table(results)
+
+
+def comparison_sentence(results: dict) -> str:
+    """The primary-endpoint verdicts of meta-rm (every baseline), one per line."""
+    lines = verdict_lines(results, methods=["meta-rm"], metrics=PRIMARY) if "meta-rm" in _ran_methods(results) else []
+    return "\n".join(lines) or "meta-rm has no primary endpoint in common with a baseline, so nothing is compared."
