@@ -26,6 +26,8 @@ from .config import MetaConfig, RLOOConfig, resolved_hypergrad
 from .models import Policy, RewardModel
 from .objectives import bradley_terry_loss, dpo_loss, pair_accuracy, rloo_advantages
 from .runlog import phase
+from .trunk import attach as attach_trunk
+from .trunk import rows_of as trunk_rows_of
 from .policy_opt import importance_weights, policy_gradient, sgd_step
 from .sampling import (Samples, SequenceBatch, collate, encode_prompts, encode_responses, policy_logprobs,
                        second_order)
@@ -59,6 +61,10 @@ class PreferenceSet:
     rejected_ids: list[list[int]]
     ref_chosen: torch.Tensor  # [M]
     ref_rejected: torch.Tensor  # [M]
+    # frozen trunk (oodpl.trunk) per chosen / rejected row, computed once when the adapters sit on the top layers only
+    trunk_chosen: list[torch.Tensor] | None = None
+    trunk_rejected: list[torch.Tensor] | None = None
+    trunk_layer: int | None = None
 
     @classmethod
     def build(cls, policy: Policy, prompts: list[str], chosen: list[str], rejected: list[str],
@@ -68,10 +74,15 @@ class PreferenceSet:
         max_resp = 2 * cfg.max_new_tokens
         c_ids = encode_responses(tok, prompts, chosen, max_resp, cfg.chat_template)
         r_ids = encode_responses(tok, prompts, rejected, max_resp, cfg.chat_template)
+        # with a frozen trunk, log pi_ref runs from it too: the layers below the adapters run once per response
+        b_c = policy.with_trunk(collate(p_ids, c_ids, tok.pad_token_id), chunk)
+        b_r = policy.with_trunk(collate(p_ids, r_ids, tok.pad_token_id), chunk)
         with torch.no_grad(), policy.reference() as ref:
-            ref_c = policy_logprobs(ref, collate(p_ids, c_ids, tok.pad_token_id), chunk=chunk)
-            ref_r = policy_logprobs(ref, collate(p_ids, r_ids, tok.pad_token_id), chunk=chunk)
-        return cls(list(prompts), list(chosen), list(rejected), p_ids, c_ids, r_ids, ref_c.cpu(), ref_r.cpu())
+            ref_c = policy_logprobs(ref, b_c, chunk=chunk)
+            ref_r = policy_logprobs(ref, b_r, chunk=chunk)
+        trunks = [None if b.trunk is None else trunk_rows_of(b) for b in (b_c, b_r)]
+        return cls(list(prompts), list(chosen), list(rejected), p_ids, c_ids, r_ids, ref_c.cpu(), ref_r.cpu(),
+                   *trunks, policy.trunk_layer)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -79,6 +90,9 @@ class PreferenceSet:
     def select(self, idx: list[int], pad_id: int, rm: RewardModel) -> PreferenceBatch:
         p = [self.prompt_ids[i] for i in idx]
         batch = collate(p + p, [self.chosen_ids[i] for i in idx] + [self.rejected_ids[i] for i in idx], pad_id)
+        if self.trunk_chosen is not None:
+            attach_trunk(batch, [self.trunk_chosen[i] for i in idx] + [self.trunk_rejected[i] for i in idx],
+                         self.trunk_layer)
         ref = torch.cat([self.ref_chosen[idx], self.ref_rejected[idx]])
         prompts = [self.prompts[i] for i in idx]
         return PreferenceBatch(batch, ref, rm.encode(prompts, [self.chosen[i] for i in idx]),

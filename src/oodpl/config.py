@@ -56,6 +56,9 @@ class PolicyConfig:
     top_p: float = 1.0
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template
     dtype: str = "float32"
+    # adapters on the top L decoder layers only (null / 0: every layer); the frozen layers below are computed once per
+    # fixed sequence and cached (oodpl.trunk)
+    trainable_layers: int | None = None
 
 
 @dataclass
@@ -307,6 +310,8 @@ def validate_config(cfg: Config) -> None:
             raise UserError(f"config: {msg}")
 
     need(cfg.policy.trainable in ("lora", "full"), "policy.trainable must be 'lora' or 'full'")
+    need(cfg.policy.trainable_layers is None or cfg.policy.trainable_layers >= 0,
+         "policy.trainable_layers must be null (every layer) or a number of top layers >= 0")
     need(cfg.meta.hypergrad in ("auto", "one-step", "truncated", "unrolled"),
          "meta.hypergrad must be one of auto, one-step, truncated, unrolled")
     need(cfg.meta.hypergrad != "one-step" or cfg.meta.inner_steps == 1,

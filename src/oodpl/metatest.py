@@ -66,7 +66,7 @@ def draw_eval_samples(policy: Policy, prompts: list[str], m: int, seed: int, bat
                              batch_size=batch_size, generator_seed=seed, progress=progress, desc=desc)
     rows_p = [p for p, rs in zip(p_ids, r_ids) for _ in rs]
     rows_r = [r for rs in r_ids for r in rs]
-    batch = collate(rows_p, rows_r, tok.pad_token_id)
+    batch = policy.with_trunk(collate(rows_p, rows_r, tok.pad_token_id), batch_size)
     logp = policy_logprobs(policy.model, batch, chunk=batch_size)
     with policy.reference() as ref:
         ref_logp = policy_logprobs(ref, batch, chunk=batch_size)
@@ -95,7 +95,8 @@ def optimise_policy(policy: Policy, prompts: list[str], reward_fn: RewardFn, cfg
                                  pcfg.top_p, batch_size=B * n, generator_seed=seed * 100003 + step)
         rows_p = [p for p, rs in zip(p_ids, r_ids) for _ in rs]
         rows_r = [r for rs in r_ids for r in rs]
-        batch = collate(rows_p, rows_r, tok.pad_token_id)
+        # adapters on the top layers only: the trunk below them is shared by pi_theta and pi_ref, computed once
+        batch = policy.with_trunk(collate(rows_p, rows_r, tok.pad_token_id))
         with torch.no_grad(), policy.reference() as ref:
             ref_logp = policy_logprobs(ref, batch)
         texts = [tok.decode(r, skip_special_tokens=True) for r in rows_r]

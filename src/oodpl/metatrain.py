@@ -56,7 +56,8 @@ def load_or_build_banks(policy: Policy, split: DomainSplit, cfg: Config, directo
                           desc=f"bank {name}")
         bank.save(path)
     accelerator.wait_for_everyone()
-    return {name: SampleBank.load(directory / f"{name}.pt") for name in names}
+    # the frozen trunk (policy.trainable_layers) is kept in memory only: computed once per run for every bank
+    return {name: SampleBank.load(directory / f"{name}.pt").attach_trunk(policy) for name in names}
 
 
 def build_query_sets(policy: Policy, split: DomainSplit, names: list[str] | None = None) -> dict[str, PreferenceSet]:

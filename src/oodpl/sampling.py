@@ -6,6 +6,7 @@ response. Position ids come from the attention mask, so a sequence scores the sa
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .objectives import sequence_logprobs
+from .trunk import attach as attach_trunk
+from .trunk import from_trunk
 
 
 @dataclass
@@ -21,6 +24,9 @@ class SequenceBatch:
     input_ids: torch.Tensor  # [N, T]
     attention_mask: torch.Tensor  # [N, T]
     response_mask: torch.Tensor  # [N, T]
+    # optional cached frozen trunk (oodpl.trunk): the hidden states entering decoder layer `trunk_layer`, left-padded
+    trunk: torch.Tensor | None = None  # [N, T, H]
+    trunk_layer: int | None = None
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -84,6 +90,13 @@ def second_order():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def _trunk_context(model: nn.Module, batch: SequenceBatch, sl: slice):
+    """Run only the layers above a cached trunk when the batch carries one (oodpl.trunk), else a no-op context."""
+    if batch.trunk is None:
+        return nullcontext()
+    return from_trunk(model, batch.trunk_layer, batch.trunk[sl])
+
+
 def policy_logprobs(model: nn.Module, batch: SequenceBatch, params: dict[str, torch.Tensor] | None = None,
                     chunk: int | None = None) -> torch.Tensor:
     """log pi(y|x) per row; with `params`, pi is evaluated at those tensors (torch.func.functional_call)."""
@@ -101,10 +114,11 @@ def policy_logprobs(model: nn.Module, batch: SequenceBatch, params: dict[str, to
         to_keep = torch.arange(T - keep, T, device=dev) if keep < T else 0
         kwargs = dict(input_ids=batch.input_ids[sl].to(dev), attention_mask=batch.attention_mask[sl].to(dev),
                       position_ids=batch.position_ids[sl].to(dev), use_cache=False, logits_to_keep=to_keep)
-        if params is None:
-            logits = model(**kwargs).logits
-        else:
-            logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False).logits
+        with _trunk_context(model, batch, sl):
+            if params is None:
+                logits = model(**kwargs).logits
+            else:
+                logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False).logits
         logits = logits[:, -keep:]  # a model that ignores logits_to_keep returns all T positions
         return sequence_logprobs(logits, kwargs["input_ids"][:, -keep:], response_mask[:, -keep:].to(dev))
 
@@ -183,11 +197,28 @@ class SampleBank:
     ref_logp: torch.Tensor  # [P, n]
     n: int
     meta: dict = field(default_factory=dict)
+    # frozen trunk (oodpl.trunk) of every sample, prompt-major [P*n] rows; kept in memory, never saved with the bank
+    trunk: list[torch.Tensor] | None = None
+    trunk_layer: int | None = None
+
+    def _rows(self) -> tuple[list[list[int]], list[list[int]]]:
+        rows_p = [p for p, rs in zip(self.prompt_ids, self.response_ids) for _ in rs]
+        return rows_p, [r for rs in self.response_ids for r in rs]
+
+    def attach_trunk(self, policy, chunk: int = 32) -> "SampleBank":
+        """Compute the frozen trunk of every sample once (no-op when the policy adapts every layer)."""
+        if policy.trunk_layer is not None and (self.trunk is None or self.trunk_layer != policy.trunk_layer):
+            self.trunk = policy.trunk_rows(collate(*self._rows(), policy.tokenizer.pad_token_id), chunk)
+            self.trunk_layer = policy.trunk_layer
+        return self
 
     def select(self, prompt_indices: list[int], pad_id: int, rm=None) -> Samples:
         rows_p = [self.prompt_ids[i] for i in prompt_indices for _ in range(self.n)]
         rows_r = [r for i in prompt_indices for r in self.response_ids[i]]
         batch = collate(rows_p, rows_r, pad_id)
+        if self.trunk is not None:
+            attach_trunk(batch, [self.trunk[i * self.n + j] for i in prompt_indices for j in range(self.n)],
+                         self.trunk_layer)
         ref = self.ref_logp[prompt_indices].reshape(-1)
         prompts = [self.prompts[i] for i in prompt_indices]
         responses = [t for i in prompt_indices for t in self.responses[i]]
@@ -202,7 +233,7 @@ class SampleBank:
         import io
 
         buf = io.BytesIO()
-        torch.save(self.__dict__, buf)
+        torch.save({k: v for k, v in self.__dict__.items() if k not in ("trunk", "trunk_layer")}, buf)
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
@@ -220,10 +251,12 @@ def build_bank(policy, prompts: list[str], n: int, seed: int, progress: bool = F
         response_ids = sample_responses(ref, tok, prompt_ids, n, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                         cfg.top_p, batch_size=batch_size, generator_seed=seed, progress=progress,
                                         desc=desc)
-        rows_p = [p for p, rs in zip(prompt_ids, response_ids) for _ in rs]
-        rows_r = [r for rs in response_ids for r in rs]
-        with torch.no_grad():
-            ref_logp = policy_logprobs(ref, collate(rows_p, rows_r, tok.pad_token_id), chunk=batch_size)
     texts = [[tok.decode(r, skip_special_tokens=True) for r in rs] for rs in response_ids]
-    return SampleBank(prompts, prompt_ids, response_ids, texts, ref_logp.reshape(len(prompts), n).cpu(), n,
-                      {"seed": seed})
+    bank = SampleBank(prompts, prompt_ids, response_ids, texts, torch.empty(0), n, {"seed": seed})
+    bank.attach_trunk(policy, chunk=batch_size)  # the trunk (if any) also serves log pi_ref: the layers below run once
+    batch = collate(*bank._rows(), tok.pad_token_id)
+    attach_trunk(batch, bank.trunk, bank.trunk_layer)
+    with torch.no_grad(), policy.reference() as ref:
+        ref_logp = policy_logprobs(ref, batch, chunk=batch_size)
+    bank.ref_logp = ref_logp.reshape(len(prompts), n).cpu()
+    return bank
