@@ -121,6 +121,10 @@ def _signed(x: float | None) -> str:
     return "n/a" if x is None else ("+" if x >= 0 else "") + fmt_num(x)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _md_escape(text: Any, limit: int | None = None) -> str:
     s = " ⏎ ".join(str(text).splitlines()) if text is not None else ""
     if limit is not None and len(s) > limit:
@@ -551,7 +555,8 @@ def render_report(results: dict, plots: list[str], directory: Path) -> str:
     seeds, domains = _seeds(results), _domains(results)
     split = results.get("split") or {}
     L = ["# oodpl benchmark report", "", _provenance(results), ""]
-    L.append(f"Task **{split.get('task', 'n/a')}**; {len(seeds)} seeds {seeds} x {len(domains)} held-out domains "
+    L.append(f"Task **{split.get('task', 'n/a')}**; {_count(len(seeds), 'seed')} {seeds} x "
+             f"{_count(len(domains), 'held-out domain')} "
              f"({', '.join(domains)}) = {len(seeds) * len(domains)} cells per method; methods: {', '.join(methods)}; "
              f"baselines for the paired differences: {', '.join(baselines) or 'none ran'}; "
              f"beta_test {results.get('betas')}.")
