@@ -7,60 +7,78 @@ from conftest import tiny_tasks
 from oodpl.bilevel import meta_gradient, meta_objective, reward_value_grads
 from oodpl.config import MetaConfig, RLOOConfig
 from oodpl.objectives import bradley_terry_loss
+from oodpl.policy_opt import pull_back_standardisation, standardise
 
-RLOO = RLOOConfig(beta=0.1, num_samples=3, importance_clip=None)
+RLOO = RLOOConfig(beta=0.1, num_samples=3, importance_clip=None, reward_norm="none")
+RLOO_STD = RLOOConfig(beta=0.1, num_samples=3, importance_clip=None, reward_norm="std")
 
 
-def _grad_and_params(policy, rm, tasks, meta):
+def _grad_and_params(policy, rm, tasks, meta, rloo=RLOO):
     rm.model.zero_grad()
-    meta_gradient(policy, rm, tasks, meta, RLOO)
+    meta_gradient(policy, rm, tasks, meta, rloo)
     params = [p for p in rm.model.parameters() if p.requires_grad]
     return params, [p.grad.clone() for p in params]
 
 
-def _directional_fd(policy, rm, tasks, meta, params, direction, eps):
+def _directional_fd(policy, rm, tasks, meta, params, direction, eps, rloo=RLOO):
     """Central differences with one Richardson extrapolation step: error O(eps^4) instead of O(eps^2)."""
-    coarse = _central(policy, rm, tasks, meta, params, direction, eps)
-    fine = _central(policy, rm, tasks, meta, params, direction, eps / 2)
+    coarse = _central(policy, rm, tasks, meta, params, direction, eps, rloo)
+    fine = _central(policy, rm, tasks, meta, params, direction, eps / 2, rloo)
     return (4 * fine - coarse) / 3
 
 
-def _central(policy, rm, tasks, meta, params, direction, eps):
+def _central(policy, rm, tasks, meta, params, direction, eps, rloo=RLOO):
     with torch.no_grad():
         for p, d in zip(params, direction):
             p.add_(eps * d)
-        f_plus = meta_objective(policy, rm, tasks, meta, RLOO)
+        f_plus = meta_objective(policy, rm, tasks, meta, rloo)
         for p, d in zip(params, direction):
             p.sub_(2 * eps * d)
-        f_minus = meta_objective(policy, rm, tasks, meta, RLOO)
+        f_minus = meta_objective(policy, rm, tasks, meta, rloo)
         for p, d in zip(params, direction):
             p.add_(eps * d)
     return (f_plus - f_minus) / (2 * eps)
 
 
+# Standardised rewards divide by the tiny RM's small reward spread: F is much more curved in phi, so its finite
+# differences need a smaller step (at eps = 1e-3 the truncation error alone is ~3e-4 relative).
+@pytest.mark.parametrize("rloo,eps", [(RLOO, 1e-3), (RLOO_STD, 1e-4)], ids=["raw", "standardised"])
 @pytest.mark.parametrize("K,mode,lambda_bt", [(1, "one-step", 0.0), (1, "one-step", 0.5), (2, "unrolled", 0.0),
                                               (1, "unrolled", 0.0)])
-def test_hypergradient_matches_finite_differences(tiny64, K, mode, lambda_bt):
+def test_hypergradient_matches_finite_differences(tiny64, K, mode, lambda_bt, rloo, eps):
     policy, rm = tiny64
     tasks = tiny_tasks(policy, rm, K=K)
     meta = MetaConfig(inner_steps=K, inner_lr=50.0, hypergrad=mode, lambda_bt=lambda_bt)
-    params, grad = _grad_and_params(policy, rm, tasks, meta)
+    params, grad = _grad_and_params(policy, rm, tasks, meta, rloo)
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):  # two random directions in phi-space
         direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
         analytic = sum((g * d).sum() for g, d in zip(grad, direction)).item()
-        numeric = _directional_fd(policy, rm, tasks, meta, params, direction, eps=1e-3)
+        numeric = _directional_fd(policy, rm, tasks, meta, params, direction, eps, rloo)
         assert abs(analytic) > 1e-9
         assert abs(analytic - numeric) / abs(numeric) < 1e-4, (analytic, numeric)
 
 
-def test_truncated_equals_unrolled_at_k1(tiny64):
+def test_standardisation_pull_back_equals_autograd():
+    """The closed-form pull-back through r^ = r / s(r) (method.md) against reverse mode through `standardise`."""
+    gen = torch.Generator().manual_seed(3)
+    r = torch.randn(12, generator=gen, dtype=torch.float64).requires_grad_()
+    g = torch.randn(12, generator=gen, dtype=torch.float64)
+    (auto,) = torch.autograd.grad((standardise(r, "batch") * g).sum(), r)
+    assert torch.allclose(pull_back_standardisation(g, r.detach()), auto, rtol=1e-12, atol=1e-14)
+    # a constant shift of all rewards changes nothing: the pulled-back weights sum to sum(g)/s, and scaling r by c
+    # scales them by 1/c
+    assert torch.allclose(pull_back_standardisation(g, r.detach() * 3.0), auto / 3.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rloo", [RLOO, RLOO_STD], ids=["raw", "standardised"])
+def test_truncated_equals_unrolled_at_k1(tiny64, rloo):
     policy, rm = tiny64
     tasks = tiny_tasks(policy, rm, K=1)
     out = {}
     for mode in ("truncated", "unrolled", "one-step"):
         meta = MetaConfig(inner_steps=1, inner_lr=20.0, hypergrad=mode, lambda_bt=0.0)
-        out[mode] = _grad_and_params(policy, rm, tasks, meta)[1]
+        out[mode] = _grad_and_params(policy, rm, tasks, meta, rloo)[1]
     for a, b, c in zip(out["truncated"], out["unrolled"], out["one-step"]):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-14)
         assert torch.allclose(a, c, rtol=1e-8, atol=1e-14)
@@ -161,3 +179,37 @@ def test_one_backward_for_the_meta_batch_equals_one_per_domain(tiny64):
     assert any(g.abs().max() > 0 for g in per_domain)
     for a, p in zip(per_domain, params):
         assert torch.allclose(a, p.grad, rtol=1e-10, atol=1e-15)
+
+
+def _scale_head(rm, c):
+    with torch.no_grad():
+        for p in rm.model.classifier.parameters():
+            p.mul_(c)
+
+
+def test_standardised_meta_objective_is_reward_scale_invariant(tiny64):
+    """Inflating the reward scale cannot lower F under standardisation (the confound of the raw inner step)."""
+    policy, rm = tiny64
+    tasks = tiny_tasks(policy, rm, K=1)
+    meta = MetaConfig(inner_steps=1, inner_lr=50.0, hypergrad="one-step", lambda_bt=0.0)
+    f = {}
+    for c in (1.0, 7.0):
+        _scale_head(rm, c)
+        f[c] = (meta_objective(policy, rm, tasks, meta, RLOO_STD), meta_objective(policy, rm, tasks, meta, RLOO))
+        _scale_head(rm, 1.0 / c)
+    assert f[1.0][0] == pytest.approx(f[7.0][0], rel=1e-9)  # standardised: invariant
+    assert abs(f[1.0][1] - f[7.0][1]) > 1e-9  # raw: the scale moves the outer loss
+
+
+def test_meta_gradient_reports_kl_after_the_step_and_the_term_ratio(tiny64):
+    policy, rm = tiny64
+    tasks = tiny_tasks(policy, rm, K=1)
+    meta = MetaConfig(inner_steps=1, inner_lr=50.0, hypergrad="one-step", lambda_bt=0.5)
+    rm.model.zero_grad()
+    stats = meta_gradient(policy, rm, tasks, meta, RLOO_STD)
+    assert stats["inner_kl"] > 0  # KL of theta_1 (before the step, at theta_0 = pi_ref, it is exactly 0)
+    assert stats["inner_step_length"] > 0
+    ratio = stats["hypergrad_term_norm"] / stats["bt_term_norm"]
+    assert stats["grad_ratio"] == pytest.approx(ratio)
+    total = torch.sqrt(sum((p.grad ** 2).sum() for p in rm.model.parameters() if p.grad is not None))
+    assert float(total) <= stats["hypergrad_term_norm"] + stats["bt_term_norm"] + 1e-12  # triangle inequality

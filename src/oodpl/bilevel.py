@@ -28,7 +28,7 @@ from .objectives import bradley_terry_loss, dpo_loss, pair_accuracy, rloo_advant
 from .runlog import phase
 from .trunk import attach as attach_trunk
 from .trunk import rows_of as trunk_rows_of
-from .policy_opt import importance_weights, policy_gradient, sgd_step
+from .policy_opt import importance_weights, policy_gradient, pull_back_standardisation, sgd_step
 from .sampling import (Samples, SequenceBatch, collate, encode_prompts, encode_responses, policy_logprobs,
                        second_order)
 
@@ -125,6 +125,11 @@ def outer_loss(policy: Policy, theta: dict[str, torch.Tensor], query: Preference
     return dpo_loss(logp[:M], logp[M:], query.ref_logp[:M], query.ref_logp[M:], beta)
 
 
+def inner_reward_scale(rloo: RLOOConfig):
+    """Inner steps standardise by the spread of their own batch of rewards (method.md, "Reward standardisation")."""
+    return "batch" if rloo.reward_norm == "std" else None
+
+
 def inner_loop(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], meta: MetaConfig, rloo: RLOOConfig,
                create_graph: bool = False) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
     """theta_0 = theta_init, theta_{k+1} = theta_k - alpha g_d(theta_k, r). Returns [theta_0..theta_K] and stats.
@@ -140,11 +145,27 @@ def inner_loop(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], me
         with torch.enable_grad():  # g is a gradient even when the caller only evaluates F
             grads, st = policy_gradient(_logp_fn(policy, samples.batch), theta, rewards[k], samples.ref_logp,
                                         samples.behaviour_logp, rloo.beta, samples.n, rloo.importance_clip,
-                                        create_graph=create_graph)
+                                        create_graph=create_graph, reward_scale=inner_reward_scale(rloo))
         nxt = sgd_step(theta, grads, meta.inner_lr)
         thetas.append(nxt if create_graph else {n: t.detach() for n, t in nxt.items()})
         stats.append(st)
     return thetas, stats
+
+
+@torch.no_grad()
+def adapted_kl(policy: Policy, samples: Samples, theta: dict[str, torch.Tensor]) -> float:
+    """KL(pi_theta || pi_ref) AFTER an inner step, estimated on the step's samples drawn from the behaviour policy
+    (pi_ref for the bank) by self-normalised importance weights: sum_j w_j log(pi_theta/pi_ref)(y_j) / sum_j w_j."""
+    logp = policy.logprobs(samples.batch, params={k: v.detach() for k, v in theta.items()})
+    behaviour = samples.behaviour_logp.to(logp.device) if samples.behaviour_logp is not None else logp
+    log_w = (logp - behaviour).double()
+    w = torch.softmax(log_w, dim=0)
+    return float((w * (logp - samples.ref_logp.to(logp.device)).double()).sum())
+
+
+def step_length(theta_a: dict[str, torch.Tensor], theta_b: dict[str, torch.Tensor]) -> float:
+    """||theta_b - theta_a|| over all trainable tensors (the length of the inner optimisation's path end to end)."""
+    return float(torch.sqrt(sum(((theta_b[k].detach() - theta_a[k].detach()).double() ** 2).sum() for k in theta_a)))
 
 
 _warned_fallback: list[bool] = []
@@ -182,7 +203,8 @@ def logprob_jvp(policy: Policy, batch: SequenceBatch, theta: dict[str, torch.Ten
 def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], meta: MetaConfig,
                        rloo: RLOOConfig, timings: dict[str, float] | None = None
                        ) -> tuple[list[torch.Tensor], float, list[dict]]:
-    """dL_out/dr_j for the samples of every inner step (stage 1 of the hypergradient), and L_out(theta_K)."""
+    """dL_out/dr_j for the samples of every inner step (stage 1 of the hypergradient), L_out(theta_K), and per-step
+    stats (the last one also holds `kl_after` and `step_length`, measured at theta_K)."""
     mode = resolved_hypergrad(meta)
     if mode == "unrolled":
         leaves = [r.detach().clone().requires_grad_() for r in rewards]
@@ -191,6 +213,7 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
             loss = outer_loss(policy, thetas[-1], task.query, rloo.beta)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(r) if g is None else g for r, g in zip(rewards, grads)]
+        _after_step_stats(policy, task, thetas, stats)
         return grads, float(loss.detach()), stats
 
     with phase(timings, "inner_policy_steps"):
@@ -206,46 +229,94 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
             logp, s = logprob_jvp(policy, samples.batch, thetas[k], v)
         s = importance_weights(logp, samples.behaviour_logp, rloo.importance_clip) * s
         s_tilde = rloo_advantages(s.reshape(-1, samples.n)).reshape(-1)
-        grads.append(meta.inner_lr / s.numel() * s_tilde)
+        g = meta.inner_lr / s.numel() * s_tilde  # dL/dr^_j: with respect to the (standardised) rewards the step used
+        if inner_reward_scale(rloo) == "batch":
+            g = pull_back_standardisation(g, rewards[k].to(g.dtype))
+        grads.append(g)
+    with phase(timings, "inner_policy_steps"):
+        _after_step_stats(policy, task, thetas, stats)
     return grads, float(loss.detach()), stats
+
+
+def _after_step_stats(policy: Policy, task: DomainTask, thetas: list[dict], stats: list[dict]) -> None:
+    stats[-1]["kl_after"] = adapted_kl(policy, task.inner[-1], thetas[-1])
+    stats[-1]["step_length"] = step_length(thetas[0], thetas[-1])
+
+
+def _flat_grads(output: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = False) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(output, params, allow_unused=True, retain_graph=retain_graph)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))) if tensors else 0.0
 
 
 def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta: MetaConfig, rloo: RLOOConfig,
                   scale: float | None = None, timings: dict[str, float] | None = None,
-                  backward: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+                  backward: Callable[[torch.Tensor], None] | None = None,
+                  parts: dict[str, list[torch.Tensor]] | None = None) -> dict[str, float]:
     """Accumulate dF/dphi into the reward model's .grad for a meta-batch of domains; return stats.
 
+        dF/dphi = sum_d [ hypergradient_d + lambda_bt * grad BT_d ] / scale
+
     `scale` divides each domain's contribution (default: the number of domains here; the distributed trainer passes
-    the global meta-batch size so that summing over processes gives the mean). `backward`: None backpropagates each
-    domain's surrogate as soon as it is built (least memory); a callable receives the sum over the meta-batch in one
-    call (DeepSpeed ZeRO reduces gradients once per backward, and its backward also takes the optimiser step)."""
+    the global meta-batch size so that summing over processes gives the mean). The two terms are computed apart so
+    that their sizes can be compared (stats `hypergrad_term_norm`, `bt_term_norm` = ||lambda_bt grad BT|| and their
+    ratio `grad_ratio`); pass a dict as `parts` to receive the hypergradient term itself under "hyper" (the trainer
+    all-reduces it to log the ratio of the global sums). `backward`: None writes into .grad directly; a callable
+    receives the summed surrogate of the meta-batch in one call (DeepSpeed ZeRO reduces gradients once per backward
+    and its backward also takes the optimiser step); the logged norms are then this process's share."""
     scale = float(scale or len(tasks))
-    out = {"outer_loss": 0.0, "bt_loss": 0.0, "query_accuracy": 0.0, "inner_reward": 0.0, "inner_kl": 0.0}
+    params = [p for p in getattr(rm, "model", rm).parameters() if p.requires_grad]  # RewardModel or a bare module
+    hyper = [torch.zeros_like(p) for p in params]
+    bt_grad = [torch.zeros_like(p) for p in params]
+    keys = ("outer_loss", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std", "inner_kl",
+            "inner_step_length")
+    out = dict.fromkeys(keys, 0.0)
     pending: list[torch.Tensor] = []
     for task in tasks:
         with phase(timings, "rm_forward"):
             rewards = [rm.forward_encoded(s.rm_encoding) for s in task.inner]  # RM graph kept apart from the policy's
         dL_dr, loss, stats = reward_value_grads(policy, task, [r.detach() for r in rewards], meta, rloo, timings)
         with phase(timings, "rm_backward"):
-            surrogate = sum((g.to(r.dtype) * r).sum() for g, r in zip(dL_dr, rewards))
+            surrogate = sum((g.to(r.device, r.dtype) * r).sum() for g, r in zip(dL_dr, rewards)) / scale
             r_c = rm.forward_encoded(task.query.rm_chosen)
             r_r = rm.forward_encoded(task.query.rm_rejected)
             bt = bradley_terry_loss(r_c, r_r)
-            if meta.lambda_bt > 0:
-                surrogate = surrogate + meta.lambda_bt * bt
-            if backward is None:
-                (surrogate / scale).backward()
-            else:
-                pending.append(surrogate / scale)
+            keep = backward is not None
+            for acc, g in zip(hyper, _flat_grads(surrogate, params, retain_graph=keep)):
+                acc.add_(g)
+            if meta.lambda_bt > 0 or keep:
+                for acc, g in zip(bt_grad, _flat_grads(bt / scale, params, retain_graph=keep)):
+                    acc.add_(g)
+            if keep:
+                pending.append(surrogate + meta.lambda_bt * bt / scale)
         out["outer_loss"] += loss / len(tasks)
         out["bt_loss"] += float(bt.detach()) / len(tasks)
         out["query_accuracy"] += pair_accuracy(r_c.detach(), r_r.detach()) / len(tasks)
         out["inner_reward"] += stats[0]["reward"] / len(tasks)
-        out["inner_kl"] += stats[-1]["kl"] / len(tasks)
-    if backward is not None and pending:
+        out["inner_reward_std"] += stats[0]["reward_std"] / len(tasks)
+        out["inner_kl"] += stats[-1]["kl_after"] / len(tasks)
+        out["inner_step_length"] += stats[-1]["step_length"] / len(tasks)
+    if backward is None:
+        for p, h, b in zip(params, hyper, bt_grad):
+            g = h + meta.lambda_bt * b
+            p.grad = g if p.grad is None else p.grad + g
+    elif pending:
         with phase(timings, "rm_backward"):
             backward(torch.stack(pending).sum())
+    out.update(gradient_term_norms(hyper, [meta.lambda_bt * b for b in bt_grad]))
+    if parts is not None:
+        parts["hyper"] = hyper
     return out
+
+
+def gradient_term_norms(hyper: list[torch.Tensor], bt_term: list[torch.Tensor]) -> dict[str, float]:
+    """||hypergradient||, ||lambda_bt grad BT|| and their ratio (method.md: the two terms must be of comparable size;
+    the ratio is None when the BT term is zero, e.g. lambda_bt = 0)."""
+    h, b = _norm(hyper), _norm(bt_term)
+    return {"hypergrad_term_norm": h, "bt_term_norm": b, "grad_ratio": h / b if b > 0 else None}
 
 
 @torch.no_grad()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -28,11 +30,13 @@ class DataConfig:
     path: str | None = None  # pairs file / dataset dir / hub id when task == "file"
     prompts_path: str | None = None  # optional prompts file (with optional `reference`)
     columns: dict[str, str] = field(default_factory=dict)  # our column name -> the file's column name
+    encoding: str = "utf-8"  # of text data files (JSONL, CSV), read strictly; e.g. latin-1 for legacy files
     meta_train_domains: list[str] | None = None  # None: every domain not held out
     held_out_domains: list[str] | None = None  # None: the task's default held-out list
     support_size: int = 16  # prompts per meta-train domain (inner problem)
     query_size: int = 32  # human pairs per meta-train domain (outer problem)
-    eval_prompts: int = 8  # prompts per held-out domain (meta-test and generation metrics)
+    adapt_prompts: int = 8  # prompts per held-out domain the meta-test optimises on (disjoint from eval_prompts)
+    eval_prompts: int = 8  # prompts per held-out domain the policies are scored on (generation metrics)
     eval_pairs: int = 64  # human pairs per held-out domain (pl_accuracy)
     max_domains: int | None = None  # cap the number of meta-train domains (quick runs)
     seed: int = 0
@@ -78,12 +82,16 @@ class RLOOConfig:
     num_samples: int = 4  # n samples per prompt
     batch_prompts: int = 8  # B prompts per step
     importance_clip: float = 5.0  # clip of pi_theta/pi_bank importance weights (bank samples after step 0)
+    # "std": rewards divided by their spread at both levels (inner step: the step's batch, differentiated through;
+    # meta-test: the frozen RM's spread on pi_ref samples of the adaptation prompts); "none": raw rewards (ablation)
+    reward_norm: str = "std"
 
 
 @dataclass
 class MetaConfig:
     """Bilevel meta-training of the general reward model."""
 
+    init: str = "bt"  # phi_0: "bt" = the Bradley-Terry RM of the pooled meta-train pairs (erm-rm), "scratch" = fresh head
     outer_steps: int = 20
     outer_lr: float = 1e-4  # eta (Adam on phi)
     meta_batch_domains: int = 2  # domains per outer step
@@ -121,6 +129,7 @@ class TrainRMConfig:
 @dataclass
 class EvalConfig:
     judge: str = "auto"  # "vader", "embedding", "llm" or auto (by task)
+    judge_encoder: str = "auto"  # embedding judge: auto (never the RM's backbone), all-mpnet-base-v2, all-minilm-l6-v2
     llm_url: str | None = None
     llm_model: str | None = None
     samples_per_prompt: int = 2
@@ -239,20 +248,24 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
-def _apply(obj: Any, data: dict, src: str, prefix: list[str], tree: yaml.Node | None) -> None:
+def _apply(obj: Any, data: dict, src: str, prefix: list[str], tree: yaml.Node | None,
+           sources: dict[str, str] | None = None) -> None:
+    """Set `data` (nested mapping) on the dataclass `obj`; record in `sources` where each dotted key came from."""
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
         dotted = prefix + [str(key)]
         line = _line_of(src, tree, dotted) if tree is not None else None
         where = f"{src}:{line}: {'.'.join(dotted)}" if line else f"{src}: {'.'.join(dotted)}"
+        if sources is not None:
+            sources[".".join(dotted)] = f"{src}:{line}" if line else src
         if key not in names:
             raise UserError(f"{where}: unknown key; valid keys here are {', '.join(sorted(names))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: expected a mapping of {type(current).__name__} settings")
-            _apply(current, value, src, dotted, tree)
+            _apply(current, value, src, dotted, tree, sources)
         else:
             setattr(obj, key, _coerce(value, hints[key], where))
 
@@ -260,6 +273,7 @@ def _apply(obj: Any, data: dict, src: str, prefix: list[str], tree: yaml.Node | 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML)."""
     cfg = Config()
+    sources: dict[str, str] = {}  # dotted key -> "file:line" or "--set", for the messages of validate_config
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -274,7 +288,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(f"{loc}: invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}:1: a config must be a mapping of sections (data:, policy:, meta:, ...)")
-        _apply(cfg, data, str(path), [], tree)
+        _apply(cfg, data, str(path), [], tree, sources)
     for item in overrides or []:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, for example --set meta.inner_steps=3")
@@ -283,14 +297,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        cfg = with_overrides(cfg, {key.strip(): value}, where="--set", validate=False)  # checked once, below
-    validate_config(cfg)
+        cfg = with_overrides(cfg, {key.strip(): value}, where="--set", validate=False,
+                             sources=sources)  # checked once, below
+    validate_config(cfg, sources)
     return cfg
 
 
-def with_overrides(cfg: Config, overrides: dict[str, Any], where: str = "overrides", validate: bool = True) -> Config:
+def with_overrides(cfg: Config, overrides: dict[str, Any], where: str = "overrides", validate: bool = True,
+                   sources: dict[str, str] | None = None) -> Config:
     """A copy of `cfg` with dotted-key values applied and checked like --set (UserError naming `where`)."""
     out = copy.deepcopy(cfg)
+    sources = {} if sources is None else sources
     for key, value in overrides.items():
         nested: dict = {}
         cursor = nested
@@ -298,32 +315,104 @@ def with_overrides(cfg: Config, overrides: dict[str, Any], where: str = "overrid
         for p in parts[:-1]:
             cursor = cursor.setdefault(p, {})
         cursor[parts[-1]] = value
-        _apply(out, nested, where, [], None)
+        _apply(out, nested, where, [], None, sources)
     if validate:
-        validate_config(out)
+        validate_config(out, sources)
     return out
 
 
-def validate_config(cfg: Config) -> None:
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise UserError(f"config: {msg}")
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
 
-    need(cfg.policy.trainable in ("lora", "full"), "policy.trainable must be 'lora' or 'full'")
-    need(cfg.policy.trainable_layers is None or cfg.policy.trainable_layers >= 0,
-         "policy.trainable_layers must be null (every layer) or a number of top layers >= 0")
-    need(cfg.meta.hypergrad in ("auto", "one-step", "truncated", "unrolled"),
-         "meta.hypergrad must be one of auto, one-step, truncated, unrolled")
-    need(cfg.meta.hypergrad != "one-step" or cfg.meta.inner_steps == 1,
-         "meta.hypergrad=one-step is exact only for meta.inner_steps=1; use truncated or unrolled")
-    need(cfg.meta.inner_steps >= 1, "meta.inner_steps must be >= 1")
-    need(cfg.rloo.num_samples >= 2, "rloo.num_samples must be >= 2 (RLOO needs a leave-one-out baseline)")
-    need(cfg.rloo.beta > 0, "rloo.beta must be > 0")
-    need(all(b > 0 for b in cfg.meta_test.beta_test), "meta_test.beta_test values must be > 0")
-    need(cfg.meta.lambda_bt >= 0, "meta.lambda_bt must be >= 0")
-    need(cfg.meta_test.optimizer in ("adam", "sgd"), "meta_test.optimizer must be adam or sgd")
-    need(cfg.select.criterion in ("outer_loss", "pair_accuracy"), "select.criterion must be outer_loss or pair_accuracy")
-    need(cfg.select.eval_draws >= 1, "select.eval_draws must be >= 1")
+# One line per setting with a range or a fixed set of values; adding a setting with a range is one line here, and
+# tests/test_config.py fails for an int or float setting that has none. Forms: ">=1", ">0", "[0,1)", "(0,1]" (a
+# range; a list setting applies it to each element), "a|b|c" (one of), "any" (any finite number). Every float
+# setting must be finite whatever its rule; None passes where the type allows it.
+RULES: dict[str, str] = {
+    "data.support_size": ">=1", "data.query_size": ">=1", "data.adapt_prompts": ">=1", "data.eval_prompts": ">=1",
+    "data.eval_pairs": ">=1", "data.max_domains": ">=1", "data.seed": ">=0",
+    "policy.trainable": "lora|full", "policy.lora_r": ">=1", "policy.lora_alpha": ">0",
+    "policy.max_prompt_tokens": ">=1", "policy.max_new_tokens": ">=1", "policy.temperature": ">0",
+    "policy.top_k": ">=0", "policy.top_p": "(0,1]", "policy.dtype": "float32|float64|bfloat16|float16",
+    "policy.trainable_layers": ">=0",
+    "reward.max_length": ">=2", "reward.dtype": "float32|float64|bfloat16|float16",
+    "rloo.beta": ">0", "rloo.num_samples": ">=2", "rloo.batch_prompts": ">=1", "rloo.importance_clip": ">=1",
+    "rloo.reward_norm": "std|none",
+    "meta.init": "bt|scratch", "meta.outer_steps": ">=1", "meta.outer_lr": ">0", "meta.meta_batch_domains": ">=1",
+    "meta.inner_steps": ">=1", "meta.inner_lr": ">0", "meta.hypergrad": "auto|one-step|truncated|unrolled",
+    "meta.lambda_bt": ">=0", "meta.query_batch": ">=1", "meta.bank_size": ">=1", "meta.grad_clip": ">=0",
+    "meta.checkpoint_every": ">=1", "meta.log_every": ">=1",
+    "meta_test.steps": ">=1", "meta_test.lr": ">0", "meta_test.optimizer": "adam|sgd", "meta_test.beta_test": ">0",
+    "train_rm.epochs": ">=1", "train_rm.lr": ">0", "train_rm.batch_size": ">=1", "train_rm.eval_fraction": "[0,1)",
+    "eval.judge": "auto|vader|embedding|llm", "eval.samples_per_prompt": ">=1",
+    "benchmark.seeds": ">=0", "benchmark.dpo_epochs": ">=1", "benchmark.dpo_lr": ">0",
+    "select.criterion": "outer_loss|pair_accuracy", "select.folds": ">=0", "select.eval_draws": ">=1",
+    "seed": ">=0", "report_to": "tensorboard|wandb|none",
+}
+
+_RANGE = re.compile(r"^([\[(])\s*([^,]+),\s*([^\])]+)([\])])$")
+
+
+def _rule_ok(rule: str, v: Any) -> tuple[bool, str]:
+    """(value satisfies rule, what the rule asks in words)."""
+    if rule == "any":
+        return True, "a number"
+    if "|" in rule or rule.isidentifier():
+        choices = rule.split("|")
+        return v in choices, f"one of {', '.join(choices)}"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False, "a number"
+    for op, test in ((">=", lambda a, b: a >= b), (">", lambda a, b: a > b)):
+        if rule.startswith(op):
+            bound = float(rule[len(op):])
+            whole = "a whole number " if float(bound).is_integer() and isinstance(v, int) else ""
+            return test(v, bound), f"{whole}{op} {rule[len(op):]}"
+    m = _RANGE.match(rule)
+    if m is None:  # pragma: no cover - a typo in RULES; tests/test_config.py parses every rule
+        raise ValueError(f"bad validation rule {rule!r}")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    ok = (v >= lo if m.group(1) == "[" else v > lo) and (v <= hi if m.group(4) == "]" else v < hi)
+    return ok, f"in {rule}"
+
+
+def _settings(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, value, type) of every leaf setting."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _settings(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, hints[f.name]
+
+
+def validate_config(cfg: Config, sources: dict[str, str] | None = None) -> None:
+    """Check every setting against RULES (and that floats are finite) and the rules that tie settings together.
+
+    The UserError names where the bad value came from: `file:line` of its key, `--set`, or `config` (a default)."""
+    sources = sources or {}
+
+    def fail(key: str, value: Any, msg: str) -> None:
+        raise UserError(f"{sources.get(key, 'config')}: {key}={value!r}: {msg}")
+
+    for key, value, typ in _settings(cfg):
+        rule = RULES.get(key)
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            if v is None:
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                fail(key, value, "must be a finite number" + ('' if rule is None else ', ' + _rule_ok(rule, v)[1]))
+            if rule is not None:
+                ok, want = _rule_ok(rule, v)
+                if not ok:
+                    fail(key, value, f"must be {want}" + (" (each value)" if isinstance(value, list) else ""))
+
+    if cfg.meta.hypergrad == "one-step" and cfg.meta.inner_steps != 1:
+        fail("meta.hypergrad", cfg.meta.hypergrad,
+             "one-step is exact only for meta.inner_steps=1; use truncated or unrolled")
+    if not cfg.eval.judge_encoder.strip():
+        fail("eval.judge_encoder", cfg.eval.judge_encoder, "must be auto, all-mpnet-base-v2, all-minilm-l6-v2 or a dir")
 
 
 def resolved_hypergrad(cfg: MetaConfig) -> str:

@@ -525,6 +525,8 @@ def exact_hypergradient(problem: ToyProblem, phi: torch.Tensor, inner_steps: int
 def core_configs(inner_steps: int, inner_lr: float, beta: float, n: int, clip: float | None,
                  hypergrad: str = "auto", lambda_bt: float = 0.0) -> tuple[MetaConfig, RLOOConfig]:
     meta = MetaConfig(inner_steps=inner_steps, inner_lr=inner_lr, hypergrad=hypergrad, lambda_bt=lambda_bt)
-    rloo = RLOOConfig(beta=beta, num_samples=n, importance_clip=clip)
+    # raw rewards: the closed forms here are for the unstandardised step (the standardised one is checked by finite
+    # differences in tests/test_hypergradient.py)
+    rloo = RLOOConfig(beta=beta, num_samples=n, importance_clip=clip, reward_norm="none")
     resolved_hypergrad(meta)
     return meta, rloo

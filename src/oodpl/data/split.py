@@ -4,8 +4,9 @@ Within a domain every record is keyed by its prompt text. A key (with all its pa
 one role, so no prompt is shared between the support, query, eval and oracle sets of a domain:
 
 - meta-train domain: `support` (prompts, `support_size`) and `query` (pairs, `query_size`);
-- held-out domain: `eval_prompts` (prompts, `eval_prompts`), `eval_pairs` (pairs, `eval_pairs`) and `oracle`
-  (pairs: every remaining key; training data for the oracle upper-bound baseline only).
+- held-out domain: `adapt_prompts` (prompts, `adapt_prompts`: the meta-test optimises the policy on these, never
+  on the prompts it is scored on), `eval_prompts` (prompts, `eval_prompts`), `eval_pairs` (pairs, `eval_pairs`) and
+  `oracle` (pairs: every remaining key; training data for the oracle upper-bound baseline only).
 
 Keys are shuffled with `random.Random(f"{seed}:{domain}")` and dealt one at a time to the eligible role that is least
 full relative to its target (ties: the order above; oracle counts as target `eval_pairs` until the capped roles are
@@ -44,6 +45,7 @@ class MetaTrainDomain:
 @dataclass
 class HeldOutDomain:
     name: str
+    adapt_prompts: list[PromptRecord] = field(default_factory=list)  # meta-test optimisation (no labels used)
     eval_prompts: list[PromptRecord] = field(default_factory=list)
     eval_pairs: list[PairRecord] = field(default_factory=list)
     oracle_pairs: list[PairRecord] = field(default_factory=list)
@@ -64,7 +66,8 @@ class DomainSplit:
             "task": self.task,
             "meta_train": {n: {"support_prompts": len(d.support_prompts), "query_pairs": len(d.query_pairs)}
                            for n, d in self.meta_train.items()},
-            "held_out": {n: {"eval_prompts": len(d.eval_prompts), "eval_pairs": len(d.eval_pairs),
+            "held_out": {n: {"adapt_prompts": len(d.adapt_prompts), "eval_prompts": len(d.eval_prompts),
+                             "eval_pairs": len(d.eval_pairs),
                              "oracle_pairs": len(d.oracle_pairs)} for n, d in self.held_out.items()},
         }
 
@@ -93,6 +96,7 @@ class DomainSplit:
             held = {
                 n: HeldOutDomain(
                     name=d["name"],
+                    adapt_prompts=[PromptRecord(**p) for p in d.get("adapt_prompts", [])],
                     eval_prompts=[PromptRecord(**p) for p in d["eval_prompts"]],
                     eval_pairs=[PairRecord(**p) for p in d["eval_pairs"]],
                     oracle_pairs=[PairRecord(**p) for p in d["oracle_pairs"]],
@@ -125,9 +129,9 @@ def load_records(cfg: DataConfig) -> tuple[list[PairRecord], list[PromptRecord]]
     if cfg.task == "file":
         if not cfg.path:
             raise UserError("config: data.task is 'file' but data.path is not set; set data.path to a pairs file")
-        pairs = read_pairs(cfg.path, cfg.columns)
+        pairs = read_pairs(cfg.path, cfg.columns, cfg.encoding)
         if cfg.prompts_path:
-            prompts = read_prompts(cfg.prompts_path, cfg.columns)
+            prompts = read_prompts(cfg.prompts_path, cfg.columns, cfg.encoding)
         else:
             prompts = prompts_from_pairs(pairs)
         return pairs, prompts
@@ -172,7 +176,8 @@ def _key(text: str) -> str:
     return " ".join(text.split())
 
 
-_ROLE_KIND = {"support": "prompt", "query": "pair", "eval_prompts": "prompt", "eval_pairs": "pair", "oracle": "pair"}
+_ROLE_KIND = {"support": "prompt", "query": "pair", "adapt_prompts": "prompt", "eval_prompts": "prompt",
+              "eval_pairs": "pair", "oracle": "pair"}
 
 
 def _deal(domain: str, seed: int, pairs: list[PairRecord], prompts: list[PromptRecord],
@@ -276,7 +281,8 @@ def split_records(task: str, pairs: list[PairRecord], prompts: list[PromptRecord
         if len(meta) > cfg.max_domains:
             meta = sorted(random.Random(f"{cfg.seed}:max_domains").sample(sorted(meta), cfg.max_domains))
     for name, size in (("support_size", cfg.support_size), ("query_size", cfg.query_size),
-                       ("eval_prompts", cfg.eval_prompts), ("eval_pairs", cfg.eval_pairs)):
+                       ("adapt_prompts", cfg.adapt_prompts), ("eval_prompts", cfg.eval_prompts),
+                       ("eval_pairs", cfg.eval_pairs)):
         if size < 1:
             raise UserError(f"data.{name} must be >= 1, got {size}")
     for name in meta + held:
@@ -297,15 +303,18 @@ def split_records(task: str, pairs: list[PairRecord], prompts: list[PromptRecord
     for name in sorted(held):
         dp, dx = pairs_by[name], prompts_by[name]
         out = _deal(name, cfg.seed, dp, dx,
-                    {"eval_prompts": cfg.eval_prompts, "eval_pairs": cfg.eval_pairs, "oracle": None},
+                    {"adapt_prompts": cfg.adapt_prompts, "eval_prompts": cfg.eval_prompts,
+                     "eval_pairs": cfg.eval_pairs, "oracle": None},
                     {"oracle": cfg.eval_pairs})
         good = {_key(p.chosen) for p in out["eval_pairs"]}
         good |= {_key(x.reference) for x in out["eval_prompts"] if x.reference}
         oracle = [p for p in out["oracle"] if _key(p.chosen) not in good]
-        counts = {"eval_prompts": len(out["eval_prompts"]), "eval_pairs": len(out["eval_pairs"]),
+        counts = {"adapt_prompts": len(out["adapt_prompts"]), "eval_prompts": len(out["eval_prompts"]),
+                  "eval_pairs": len(out["eval_pairs"]),
                   "oracle": len(oracle)}
         _check_role_counts(name, "held-out", counts, (len(dp), len(dx)))
-        split.held_out[name] = HeldOutDomain(name=name, eval_prompts=out["eval_prompts"],
+        split.held_out[name] = HeldOutDomain(name=name, adapt_prompts=out["adapt_prompts"],
+                                             eval_prompts=out["eval_prompts"],
                                              eval_pairs=out["eval_pairs"], oracle_pairs=oracle)
     return split
 
