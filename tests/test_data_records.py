@@ -230,3 +230,55 @@ def test_cmd_stats_file(capsys):
     md = cmd_stats(str(FIX / "pairs.jsonl"), as_markdown=True, quiet=True)
     assert md.startswith("| domain | pairs | prompts |")
     assert "| cooking | 3 | 3 |" in md
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Issue 13: strict decoding, line splitting, numbers, header-only CSV
+
+
+def test_invalid_utf8_is_an_error_naming_line_and_byte_offset(tmp_path):
+    p = tmp_path / "p.jsonl"
+    good = json.dumps({"domain": "a", "prompt": "naïve café", "chosen": "x", "rejected": "y"}, ensure_ascii=False)
+    raw = (good + "\n").encode() + b'{"domain": "a", "prompt": "caf\xe9", "chosen": "x", "rejected": "y"}\n'
+    p.write_bytes(raw)
+    offset = raw.index(b"\xe9")
+    with pytest.raises(UserError, match=rf"p\.jsonl:2: byte 0xe9 at byte offset {offset} is not valid utf-8.*"
+                                        r"data\.encoding"):
+        read_pairs(p)
+    p.write_bytes((good + "\n").encode())  # the valid part is not silently re-read as latin-1
+    assert read_pairs(p)[0].prompt == "naïve café"
+    latin = tmp_path / "l.csv"
+    latin.write_bytes("domain,prompt,chosen,rejected\na,café,x,y\n".encode("latin-1"))
+    assert read_pairs(latin, encoding="latin-1")[0].prompt == "café"
+    with pytest.raises(UserError, match="not a known text encoding"):
+        read_pairs(latin, encoding="klingon")
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x0c", "\x1c"])
+def test_jsonl_lines_split_on_newline_only(tmp_path, char):
+    rec = PairRecord(domain="a", prompt=f"one{char}two", chosen="good", rejected="bad")
+    write_jsonl(tmp_path / "p.jsonl", [rec, rec])
+    assert read_pairs(tmp_path / "p.jsonl") == [rec, rec]
+
+
+def test_csv_fields_keep_form_feeds_and_quoted_newlines(tmp_path):
+    p = tmp_path / "p.csv"
+    p.write_text('domain,prompt,chosen,rejected\r\na,"page\x0cbreak","two\nlines",no\u2028way\r\n', newline="")
+    recs = read_pairs(p)
+    assert [(r.prompt, r.chosen, r.rejected) for r in recs] == [("page\x0cbreak", "two\nlines", "no\u2028way")]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("field", ["margin", "weight"])
+def test_non_finite_margin_or_weight_is_an_error(tmp_path, field, value):
+    p = tmp_path / "p.csv"
+    p.write_text(f"domain,prompt,chosen,rejected,{field}\na,x,good,bad,1.0\na,x,good,bad,{value}\n")
+    with pytest.raises(UserError, match=rf"p\.csv:3: column '{field}' \({field}\) must be a finite number"):
+        read_pairs(p)
+
+
+def test_header_only_csv_is_not_called_empty(tmp_path):
+    p = tmp_path / "p.csv"
+    p.write_text("domain,prompt,chosen,rejected\n")
+    with pytest.raises(UserError, match="only a header .*no records; add rows"):
+        read_pairs(p)

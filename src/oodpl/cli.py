@@ -1,6 +1,7 @@
 """`oodpl` command line: thin wrappers over the library, YAML config + dotted `--set` overrides.
 
-Every user error ends with exit status 2 and one line on stderr (`--debug` shows the traceback).
+Every user error, and every failure of the file system (disk full, permissions), ends with exit status 2 and one
+line on stderr (`--debug` shows the traceback); an interrupt ends with 130.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import EXIT_USER_ERROR, UserError, describe_failure
 
 NOT_YET = 3  # exit status of a subcommand that is not implemented yet
 
@@ -136,8 +137,18 @@ def _not_yet(name: str):
     return run
 
 
+def _check_reward_model(path: str | None) -> None:
+    """A --reward-model directory must be a one-output sequence classifier: checked before any output is created."""
+    from .checks import check_reward_model_dir
+
+    if path and Path(path).expanduser().is_dir():
+        check_reward_model_dir(Path(path).expanduser())
+
+
 def _cmd_meta_test(args) -> int:
     from .benchmark import meta_test_command
+
+    _check_reward_model(args.reward_model)
 
     index = meta_test_command(_load_cfg(args), args.reward_model, args.output, args.domains or None)
     print(json.dumps(index, indent=2))
@@ -146,6 +157,8 @@ def _cmd_meta_test(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate_command
+
+    _check_reward_model(args.reward_model)
 
     result = evaluate_command(_load_cfg(args), args.output, args.reward_model, args.samples)
     print(json.dumps(result, indent=2))
@@ -227,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("oodpl: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # disk full, permissions, ... while reading or writing: one line naming the path
+        line = describe_failure(e)
+        if line is None or args.debug:
+            raise
+        print(f"oodpl: error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ line and exits with status 2. Output is written to a temporary path and renamed,
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -17,8 +20,66 @@ from typing import Any, Iterator
 EXIT_USER_ERROR = 2
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode open() would give a new file under the process umask (0644 by default); mkstemp uses 0600."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode mkdir() would give a new directory under the process umask (0755 by default); mkdtemp uses 0700."""
+    return 0o777 & ~_umask()
+
+
+def _disk_full(text: str) -> bool:
+    return any(k in text for k in ("No space left on device", "os error 28", "code: 28", "file write failed"))
+
+
+def describe_failure(e: BaseException) -> str | None:
+    """One line for a failure of the file system (an OSError, or a library's wrapper of one: torch.save reports a
+    full disk as RuntimeError, safetensors as its own error type); None for anything else (a bug: traceback)."""
+    text = str(e)
+    full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _disk_full(text)
+    if isinstance(e, OSError):
+        path = e.filename or "a file"
+        if full:
+            return f"no space left on device while writing {path}; free some space and rerun (add --resume to " \
+                   "continue a meta-train run: its previous checkpoint is intact)"
+        reason = (e.strerror or text or type(e).__name__).lower()
+        return f"{path}: {reason}; check the path, its permissions and the disk"
+    if full:
+        return f"no space left on device ({(text.splitlines() or [''])[0][:160]}); free some space and rerun"
+    return None
+
+
+def write_failed(path: str | os.PathLike, e: BaseException, after: str = "") -> "UserError":
+    """One line for an OSError (disk full, permission, ...) while writing `path`."""
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _disk_full(str(e)):
+        reason = "no space left on device"
+    elif isinstance(e, OSError) and e.strerror:
+        reason = e.strerror.lower()
+    else:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    hint = "free some space" if "space" in str(reason).lower() else "check the path and its permissions"
+    return UserError(f"could not write {path} ({reason}); {hint} and rerun{after}")
+
+
 class UserError(Exception):
     """A problem with the user's input; the message says what is wrong, where, and how to fix it."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -47,10 +108,13 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, dir_mode())
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, (OSError, UserError)) and describe_failure(e):
+            raise write_failed(final, e) from e  # a library's wrapped disk-full error: name the path
         raise
     old = None
     if final.exists():
@@ -83,11 +147,17 @@ def prepare_run_dir(path: str | os.PathLike, kind: str, fingerprint: dict, resum
 
     An empty or new directory is claimed. A directory that already holds the same run is reused (resume). A directory
     that holds a different run, or unrelated files, is refused: we never overwrite somebody's results.
+    (No lock and no roll-back: prefer `claim_run_dir`, which adds both.)
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"output path {path} exists and is not a directory; choose another --output")
     check_writable_dir(path)
+    _mark_run_dir(path, kind, fingerprint)
+    return path
+
+
+def _mark_run_dir(path: Path, kind: str, fingerprint: dict) -> None:
     marker = path / RUN_MARKER
     entries = [p for p in path.iterdir() if not p.name.startswith(".")]
     if marker.exists():
@@ -100,13 +170,118 @@ def prepare_run_dir(path: str | os.PathLike, kind: str, fingerprint: dict, resum
                 f"output directory {path} already holds a different {held.get('kind', 'oodpl')} run; "
                 "choose another --output or delete it"
             )
-        return path
+        return
     if entries:
         raise UserError(
             f"output directory {path} is not empty and holds no oodpl run; choose an empty or new --output"
         )
     atomic_write_json(marker, {"kind": kind, "fingerprint": fingerprint})
-    return path
+
+
+LOCK_NAME = ".oodpl.lock"
+
+
+class RunClaim:
+    """An output directory held by this process for one run (see `claim_run_dir`)."""
+
+    def __init__(self, path: str | os.PathLike, kind: str, fingerprint: dict, enabled: bool = True):
+        self.path, self.kind, self.fingerprint, self.enabled = Path(path), kind, fingerprint, enabled
+        self.committed = False
+        self._lock_file = None
+        self._created: list[Path] = []  # directories this claim created, deepest first
+        self._before: set[str] = set()
+
+    def __enter__(self) -> "RunClaim":
+        if not self.enabled:
+            return self
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output path {path} exists and is not a directory; choose another --output")
+        p = path
+        while not p.exists() and p != p.parent:
+            self._created.append(p)
+            p = p.parent
+        try:
+            check_writable_dir(path)
+            self._before = {e.name for e in path.iterdir()}
+            self._lock()
+            _mark_run_dir(path, self.kind, self.fingerprint)
+        except BaseException:
+            self._rollback()
+            self._unlock()
+            raise
+        return self
+
+    def commit(self) -> None:
+        """Start-up is over: from here on a failure keeps what was written (a later --resume continues it)."""
+        self.committed = True
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        try:
+            if typ is not None and self.enabled and not self.committed:
+                self._rollback()
+        finally:
+            self._unlock()
+        return False
+
+    def _lock(self) -> None:
+        lock_path = self.path / LOCK_NAME
+        f = open(lock_path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(f"output directory {self.path} is in use by another oodpl process (pid {holder}); "
+                                "wait for it to finish, stop it, or choose another --output") from None
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock_file = f
+
+    def _unlock(self) -> None:
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _rollback(self) -> None:
+        """Remove what this start created: new entries of the directory, then the directories it made."""
+        if self.path.is_dir():
+            for entry in self.path.iterdir():
+                if entry.name in self._before:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+        for d in self._created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def claim_run_dir(path: str | os.PathLike, kind: str, fingerprint: dict, enabled: bool = True) -> RunClaim:
+    """Hold an output directory for one run; use as a context manager around the whole run:
+
+        with claim_run_dir(out, "meta-test", fingerprint, enabled=accelerator.is_main_process) as run:
+            ...start-up: load and check everything that can fail...
+            run.commit()
+            ...the long work...
+
+    On entry: refuse a directory that holds a different run or unrelated files (like `prepare_run_dir`), take an
+    advisory lock (`fcntl.flock` on `.oodpl.lock`, which records our pid) that a second process on the same directory
+    fails to get (UserError naming the holder's pid), and write the run marker. If the block raises before
+    `commit()`, everything the start created is removed (new entries, and the directory itself if it was created), so
+    a failed start leaves the directory as it found it. The lock is released when the block ends. `enabled=False`
+    (non-main processes) does nothing.
+    """
+    return RunClaim(path, kind, fingerprint, enabled)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -115,6 +290,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

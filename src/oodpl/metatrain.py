@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -25,9 +23,10 @@ from .bilevel import DomainTask, PreferenceSet, meta_gradient
 from .config import Config, dump_config, resolved_hypergrad
 from .data.split import DomainSplit, build_split
 from .distributed import make_accelerator, prepare_deepspeed, uses_deepspeed
-from .errors import UserError, atomic_write_json, atomic_write_text, prepare_run_dir
+from .checkpoints import last_good_checkpoint, load_checkpoint, save_checkpoint
+from .errors import RunClaim, UserError, atomic_write_json, atomic_write_text, claim_run_dir
 from .models import Policy, RewardModel, load_policy, load_reward_model
-from .runlog import MetricsLogger, phase, rng_state, seed_everything, set_rng_state
+from .runlog import MetricsLogger, phase, seed_everything
 from .sampling import SampleBank, build_bank
 
 
@@ -89,84 +88,26 @@ def draw_tasks(step: int, cfg: Config, names: list[str], banks: dict[str, Sample
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(run_dir: Path, step: int, rm: RewardModel, policy: Policy, optimizer, accelerator) -> Path:
-    """checkpoints/step-N/ built under a temporary name and renamed when complete; `latest` is replaced atomically
-    after. Collective: under DeepSpeed every process adds its shard of the optimiser state; the main process writes
-    the rest (reward model, policy trainable weights, optimiser or shard layout, RNG states, step)."""
-    ckpt_root = run_dir / "checkpoints"
-    target = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f".{target.name}.tmp"
-    main, sharded = accelerator.is_main_process, uses_deepspeed(accelerator)
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if sharded:  # the ZeRO optimiser's state_dict() is this process's partition
-        torch.save(optimizer.state_dict(), tmp / f"optimizer-rank{accelerator.process_index:05d}.pt")
-    accelerator.wait_for_everyone()
-    if main:
-        model = accelerator.unwrap_model(rm.model)
-        model.save_pretrained(tmp / "reward_model")
-        rm.tokenizer.save_pretrained(tmp / "reward_model")
-        torch.save({k: v.detach().cpu() for k, v in policy.trainable_parameters().items()}, tmp / "policy_trainable.pt")
-        torch.save({"optimizer": None if sharded else optimizer.state_dict(), "step": step, "rng": rng_state(),
-                    "optimizer_shards": accelerator.num_processes if sharded else 0}, tmp / "state.pt")
-        old = target.with_name(f".{target.name}.old") if target.exists() else None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        atomic_write_text(ckpt_root / "latest", target.name + "\n")
-        for old in sorted(ckpt_root.glob("step-*"))[:-2]:  # keep the two newest
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return target
-
-
-def load_checkpoint(run_dir: Path, rm: RewardModel, optimizer, accelerator) -> int:
-    from safetensors.torch import load_file
-
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.exists():
-        return 0
-    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
-    weights = ckpt / "reward_model" / "model.safetensors"
-    accelerator.unwrap_model(rm.model).load_state_dict(load_file(str(weights)), strict=False)
-    state = torch.load(ckpt / "state.pt", weights_only=False)
-    shards = int(state.get("optimizer_shards", 0))
-    if shards != (accelerator.num_processes if uses_deepspeed(accelerator) else 0):
-        raise UserError(f"{ckpt} was written with {shards or 'no'} DeepSpeed optimiser shards; resume it with the "
-                        "same launch (number of processes, DeepSpeed or not) it was started with")
-    if shards:  # ZeRO takes the list of every rank's partition and picks its own; it refreshes fp32 from the weights
-        files = [ckpt / f"optimizer-rank{r:05d}.pt" for r in range(shards)]
-        optimizer.load_state_dict([torch.load(f, weights_only=False) if r == accelerator.process_index else None
-                                   for r, f in enumerate(files)])
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return int(state["step"])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # The run
 
 
 def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerator=None,
                stop_after: int | None = None) -> dict:
     """Meta-train r_phi over the split's meta-train domains; returns a summary. `stop_after` ends the process's work
-    after that many outer steps of this call (tests use it to simulate interruptions)."""
+    after that many outer steps of this call (tests use it to simulate interruptions).
+
+    The output directory is locked for the whole run (a second process on it exits with one line naming this one's
+    pid); a start that fails (bad data, model, checkpoint, ...) removes what it created (errors.claim_run_dir)."""
     accelerator = accelerator or make_accelerator()
+    with claim_run_dir(output, "meta-train", cfg.fingerprint(), enabled=accelerator.is_main_process) as claim:
+        accelerator.wait_for_everyone()
+        return _meta_train(cfg, Path(output), claim, resume, accelerator, stop_after)
+
+
+def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accelerator,
+                stop_after: int | None) -> dict:
     main = accelerator.is_main_process
     progress = not cfg.quiet and main
-    run_dir = Path(output)
-    if main:
-        prepare_run_dir(run_dir, "meta-train", cfg.fingerprint())
-    accelerator.wait_for_everyone()
     final_dir = run_dir / "reward_model"
     if (run_dir / "summary.json").exists() and final_dir.exists():
         return json.loads((run_dir / "summary.json").read_text())
@@ -209,6 +150,7 @@ def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerato
                             f"multiple of {world} processes; change one of them")
         rm.model, optimizer = prepare_deepspeed(accelerator, rm.model, optimizer, cfg.meta.grad_clip)
     start = load_checkpoint(run_dir, rm, optimizer, accelerator) if resume else 0
+    claim.commit()  # start-up done: from here on a failure keeps the run's files for --resume
     logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start if resume else None,
                            config=cfg.to_dict())
     pad = policy.tokenizer.pad_token_id
@@ -253,8 +195,9 @@ def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerato
             stats = dict(zip(keys, vec.tolist()))
         stats = {k: v / len(drawn) for k, v in stats.items()}
         if not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in stats.values()):
-            last = (run_dir / "checkpoints" / "latest")
-            where = last.read_text().strip() if last.exists() else "none yet"
+            # the last checkpoint with finite metrics AND bounded weights; `latest` names it, so --resume starts there
+            where = last_good_checkpoint(run_dir) if main else None
+            where = f"{where} (--resume restarts there)" if where else "none (start again in a new --output)"
             raise TrainingDiverged(f"non-finite loss or hypergradient at outer step {step} (grad norm {grad_norm}); "
                                    f"stopped, last good checkpoint: {where}; lower meta.outer_lr or meta.inner_lr")
         if not sharded:

@@ -23,7 +23,6 @@ The exact pairing rules are in `RULES` (rendered into docs/data.md).
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import json
@@ -42,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import UserError, atomic_directory, atomic_write_json
+from ..errors import UserError, atomic_directory, atomic_write_json, sha256_file
 from .records import PairRecord, PromptRecord, read_pairs, read_prompts, write_jsonl
 
 DATA_VERSION = "builtin-v1"  # bump when the build rules change: a new cache directory is built
@@ -165,12 +164,7 @@ def _complete(root: Path) -> bool:
 # Download
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 def _download(pkg: Package, dest: Path) -> Path:

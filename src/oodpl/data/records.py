@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -95,15 +96,23 @@ def _is_hub_id(path: str) -> bool:
     return HUB_ID.match(path) is not None
 
 
-def _decode(raw: bytes) -> str:
+def _decode(raw: bytes, path: Path, encoding: str = "utf-8") -> str:
+    """Strict decoding: a byte that is not valid in `encoding` is a one-line error naming its line and byte offset
+    (never a silent switch to another encoding). A UTF-8 byte-order mark is dropped."""
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+        return raw.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
+    except LookupError:
+        raise UserError(f"data.encoding {encoding!r} is not a known text encoding; use utf-8 or, for example, "
+                        "latin-1 or cp1252") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: byte 0x{raw[e.start]:02x} at byte offset {e.start} is not valid {encoding} "
+                        f"({e.reason}); save the file as UTF-8, or set data.encoding to its encoding "
+                        "(for example latin-1)") from None
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    text = _decode(path.read_bytes())
+def _iter_jsonl(path: Path, encoding: str = "utf-8") -> Iterator[tuple[str, dict]]:
+    text = _decode(path.read_bytes(), path, encoding)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
@@ -117,7 +126,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                 raise UserError(f"{where}: expected a JSON object with named fields, got {type(row).__name__}")
             yield where, row
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by \n only: U+2028, U+0085, form feeds... are legal (unescaped) inside JSON strings,
+    # and json.dumps(ensure_ascii=False) writes them as they are; str.splitlines would cut lines there.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -132,10 +143,12 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
         yield where, row
 
 
-def _iter_csv(path: Path) -> Iterator[tuple[str, dict]]:
-    text = _decode(path.read_bytes())
+def _iter_csv(path: Path, encoding: str = "utf-8") -> Iterator[tuple[str, dict]]:
+    text = _decode(path.read_bytes(), path, encoding)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
+    # the csv module reads its own records (quoted newlines included) from a newline="" stream: only \r and \n end
+    # lines, so a form feed or U+2028 inside a field stays in the field
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
@@ -144,11 +157,12 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, dict]]:
         raise UserError(f"{path}:1: malformed CSV header ({e}); fix the file") from None
     header = [h.strip() for h in header]
     start = reader.line_num + 1
+    records = 0
     while True:
         try:
             values = next(reader)
         except StopIteration:
-            return
+            break
         except csv.Error as e:
             raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e}); fix the quoting on this line") from None
         where = f"{path}:{start}"
@@ -160,7 +174,10 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, dict]]:
                 f"{where}: {len(values)} fields but the header has {len(header)}; quote fields that contain "
                 f"'{delimiter}' or fix the row"
             )
+        records += 1
         yield where, {h: (v if v != "" else None) for h, v in zip(header, values)}
+    if records == 0 and any(header):
+        raise UserError(f"{path}: only a header ({', '.join(header)}), no records; add rows below the header")
 
 
 def _rows_of_table(label: str, rows: Iterable[dict]) -> Iterator[tuple[str, dict]]:
@@ -216,8 +233,9 @@ def _iter_hub(spec: str) -> Iterator[tuple[str, dict]]:
     return _rows_of_table(f"{repo}:{split}", ds.to_list())
 
 
-def iter_rows(path: str | os.PathLike) -> tuple[str, list[tuple[str, dict]]]:
-    """Return (label, [(location, row), ...]) for a file, saved dataset directory or hub id."""
+def iter_rows(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[str, list[tuple[str, dict]]]:
+    """Return (label, [(location, row), ...]) for a file, saved dataset directory or hub id; `encoding` is that of
+    text files (JSONL, CSV), decoded strictly."""
     spec = str(path)
     p = Path(os.path.expanduser(spec))
     if p.is_dir():
@@ -230,9 +248,9 @@ def iter_rows(path: str | os.PathLike) -> tuple[str, list[tuple[str, dict]]]:
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
-            return str(p), list(_iter_jsonl(p))
+            return str(p), list(_iter_jsonl(p, encoding))
         if suffix in (".csv", ".tsv"):
-            return str(p), list(_iter_csv(p))
+            return str(p), list(_iter_csv(p, encoding))
         if suffix in (".parquet", ".pq"):
             return str(p), list(_iter_parquet(p))
         raise UserError(
@@ -299,17 +317,19 @@ def _number(where: str, row: dict, field: str, col: str | None) -> float | None:
         x = float(value)
     except (TypeError, ValueError):
         raise UserError(f"{where}: column {col!r} ({field}) must be a number, got {value!r}") from None
-    if math.isnan(x):
-        return None
+    if not math.isfinite(x):
+        raise UserError(f"{where}: column {col!r} ({field}) must be a finite number, got {value!r}; leave it empty "
+                        f"for a pair without a {field}")
     if field == "weight" and x < 0:
         raise UserError(f"{where}: weight must be >= 0, got {x}")
     return x
 
 
-def read_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None) -> list[PairRecord]:
+def read_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None,
+               encoding: str = "utf-8") -> list[PairRecord]:
     """Read preference pairs; `columns` maps our field name (domain, prompt, chosen, rejected, margin, weight) to the
-    file's column name."""
-    label, rows = iter_rows(path)
+    file's column name; `encoding` is that of a text file (data.encoding)."""
+    label, rows = iter_rows(path, encoding)
     if not rows:
         raise UserError(f"{label}: no records; the file is empty")
     m = _resolve_columns(label, rows, PAIR_FIELDS, PAIR_REQUIRED, columns)
@@ -329,9 +349,10 @@ def read_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None) -
     return out
 
 
-def read_prompts(path: str | os.PathLike, columns: dict[str, str] | None = None) -> list[PromptRecord]:
-    """Read prompts (domain, prompt[, reference]); `columns` as for `read_pairs`."""
-    label, rows = iter_rows(path)
+def read_prompts(path: str | os.PathLike, columns: dict[str, str] | None = None,
+                 encoding: str = "utf-8") -> list[PromptRecord]:
+    """Read prompts (domain, prompt[, reference]); `columns` and `encoding` as for `read_pairs`."""
+    label, rows = iter_rows(path, encoding)
     if not rows:
         raise UserError(f"{label}: no records; the file is empty")
     m = _resolve_columns(label, rows, PROMPT_FIELDS, PROMPT_REQUIRED, columns)
@@ -348,9 +369,9 @@ def read_prompts(path: str | os.PathLike, columns: dict[str, str] | None = None)
     return out
 
 
-def looks_like_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None) -> bool:
+def looks_like_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None, encoding: str = "utf-8") -> bool:
     """True when the source has the pair columns (chosen and rejected), False when it looks like a prompts file."""
-    _, rows = iter_rows(path)
+    _, rows = iter_rows(path, encoding)
     present: set = set()
     for _, row in rows[:1000]:
         present.update(row)

@@ -1,0 +1,40 @@
+"""Start-up checks on inputs that are cheap to verify before any work (and before an output directory is claimed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+
+def check_reward_model_dir(path: str | os.PathLike) -> None:
+    """A trained reward model directory: a `*ForSequenceClassification` model with one label.
+
+    A causal LM, a plain backbone or a multi-label classifier would load with a freshly initialised (or wrong) head and
+    give meaningless scores, so each is refused with a UserError that names what was found."""
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        inside = sorted(p.name for p in path.iterdir())[:6] if path.is_dir() else []
+        found = f"it holds {', '.join(inside)}" if inside else "it is empty"
+        raise UserError(f"reward model {path} has no config.json ({found}); pass a directory written by `oodpl "
+                        "meta-train` / `oodpl train-rm` (its reward_model/) or another Hugging Face "
+                        "sequence-classification checkpoint")
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{config}: unreadable model config ({str(e).splitlines()[0]}); the checkpoint is damaged") \
+            from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{config}: a model config must be a JSON object; the checkpoint is damaged")
+    archs = cfg.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        found = ", ".join(map(str, archs)) or f"no architectures (model_type {cfg.get('model_type', '?')})"
+        raise UserError(f"reward model {path} is a {found}, not a sequence-classification model with one output; "
+                        "pass a trained reward model (the reward_model/ directory of a meta-train or train-rm run)")
+    labels = cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2  # transformers' default is 2 labels
+    if labels != 1:
+        raise UserError(f"reward model {path} is a classifier with {labels} labels; a reward model has exactly one "
+                        "output (num_labels 1)")
