@@ -30,6 +30,10 @@ class DataConfig:
     path: str | None = None  # pairs file / dataset dir / hub id when task == "file"
     prompts_path: str | None = None  # optional prompts file (with optional `reference`)
     columns: dict[str, str] = field(default_factory=dict)  # our column name -> the file's column name
+    domain: str | None = None  # the domain of a file without a domain column (default: the file's name)
+    hub_config: str | None = None  # hub datasets: load_dataset's config name (e.g. a subset)
+    hub_data_dir: str | None = None  # hub datasets: load_dataset's data_dir (e.g. one SHP subreddit)
+    hub_split: str = "train"  # hub datasets: the split (an id of the form owner/name:split wins)
     encoding: str = "utf-8"  # of text data files (JSONL, CSV), read strictly; e.g. latin-1 for legacy files
     meta_train_domains: list[str] | None = None  # None: every domain not held out
     held_out_domains: list[str] | None = None  # None: the task's default held-out list
@@ -71,6 +75,11 @@ class RewardConfig:
 
     name_or_path: str = "all-minilm-l6-v2"  # alias, hub id, local directory or "tiny-random"
     max_length: int = 128
+    # how (prompt, response) becomes the RM's input: "concat" = one sequence prompt + response + eos (TRL's
+    # RewardTrainer on standard data), "pair" = tokenizer(prompt, response) (a text pair), "chat" = the tokenizer's
+    # chat template over a user and an assistant message (TRL on conversational data); null = the format stored with
+    # a saved RM (oodpl_reward.json), else concat
+    input_format: str | None = None
     dtype: str = "float32"
 
 
@@ -157,6 +166,15 @@ class SelectConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where every stage's metrics go besides metrics.jsonl (report_to: tensorboard and/or wandb)."""
+
+    project: str = "oodpl"  # wandb project
+    run_name: str | None = None  # wandb run name / tensorboard sub-directory (default: the stage and output dir name)
+    log_dir: str | None = None  # tensorboard root (default: <output>/tensorboard)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -168,6 +186,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     quiet: bool = False
@@ -180,6 +199,7 @@ class Config:
         d = self.to_dict()
         d.pop("quiet", None)
         d.pop("report_to", None)
+        d.pop("tracking", None)
         return d
 
 
@@ -344,9 +364,10 @@ RULES: dict[str, str] = {
     "meta.checkpoint_every": ">=1", "meta.log_every": ">=1",
     "meta_test.steps": ">=1", "meta_test.lr": ">0", "meta_test.optimizer": "adam|sgd", "meta_test.beta_test": ">0",
     "train_rm.epochs": ">=1", "train_rm.lr": ">0", "train_rm.batch_size": ">=1", "train_rm.eval_fraction": "[0,1)",
-    "eval.judge": "auto|vader|embedding|llm", "eval.samples_per_prompt": ">=1",
+    "eval.judge": "auto|vader|embedding|llm", "eval.samples_per_prompt": ">=1", "eval.agreement_samples": ">=2",
     "benchmark.seeds": ">=0", "benchmark.dpo_epochs": ">=1", "benchmark.dpo_lr": ">0",
     "select.criterion": "outer_loss|pair_accuracy", "select.folds": ">=0", "select.eval_draws": ">=1",
+    "reward.input_format": "concat|pair|chat",
     "seed": ">=0", "report_to": "tensorboard|wandb|none",
 }
 

@@ -8,6 +8,7 @@ Everything here is stock Hugging Face: `AutoModelForCausalLM` (hub id, local dir
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -287,18 +288,54 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
 # Reward model
 
 
+REWARD_META = "oodpl_reward.json"  # beside a saved reward model: how its inputs are built
+INPUT_FORMATS = ("concat", "pair", "chat")
+DEFAULT_INPUT_FORMAT = "concat"  # TRL's RewardTrainer on standard (string) data
+
+
 @dataclass
 class RewardModel:
-    """r_phi(x, y): a scalar sequence-classification head; input is the text pair (prompt, response)."""
+    """r_phi(x, y): a scalar sequence-classification head. `input_format` says how (prompt, response) becomes its
+    input (reward.input_format): "concat" = tokenizer(prompt + response + eos), as TRL's RewardTrainer tokenises
+    standard data; "pair" = tokenizer(prompt, response), a text pair; "chat" = the tokenizer's chat template over a
+    user and an assistant message, as TRL tokenises conversational data. Sequences are padded on the right (TRL's
+    DataCollatorForPreference) and cut to `max_length` tokens."""
 
     model: nn.Module
     tokenizer: object
     max_length: int = 128
+    input_format: str = DEFAULT_INPUT_FORMAT
+
+    def token_ids(self, prompt: str, response: str) -> list[int]:
+        """The RM's input ids for one (prompt, response), before truncation and padding."""
+        tok = self.tokenizer
+        if self.input_format == "chat":
+            if not getattr(tok, "chat_template", None):
+                raise UserError("reward.input_format is chat but the reward model's tokenizer has no chat template; "
+                                "use concat (or pair), or a reward model whose tokenizer has one")
+            out = tok.apply_chat_template([{"role": "user", "content": prompt},
+                                           {"role": "assistant", "content": response}], tokenize=True,
+                                          return_dict=True)
+            return list(out["input_ids"])
+        eos = tok.eos_token
+        if eos and not response.endswith(eos):  # TRL adds the EOS token to non-conversational completions
+            response = response + eos
+        return list(tok(text=prompt + response)["input_ids"])
 
     def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenise once; hot loops keep the encodings (no re-tokenisation)."""
-        return dict(self.tokenizer(prompts, responses, truncation=True, max_length=self.max_length, padding=True,
-                                   return_tensors="pt"))
+        """The one place text becomes RM input. Tokenise once; hot loops keep the encodings (no re-tokenisation)."""
+        if self.input_format == "pair":
+            return dict(self.tokenizer(prompts, responses, truncation=True, max_length=self.max_length, padding=True,
+                                       padding_side="right", return_tensors="pt"))
+        rows = [self.token_ids(p, r)[: self.max_length] for p, r in zip(prompts, responses)]
+        width = max((len(r) for r in rows), default=0)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def forward_encoded(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         dev = next(self.model.parameters()).device
@@ -308,14 +345,59 @@ class RewardModel:
         return self.forward_encoded(self.encode(prompts, responses))
 
     def save(self, directory: str | Path) -> None:
-        """A standard Hugging Face checkpoint with its tokenizer, written atomically."""
+        """A standard Hugging Face checkpoint with its tokenizer, id2label {0: "reward"}, the input format in
+        oodpl_reward.json and a model card with a usage snippet, written atomically."""
+        self.model.config.id2label = {0: "reward"}
+        self.model.config.label2id = {"reward": 0}
         with atomic_directory(directory) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            (tmp / "README.md").write_text(
-                "# oodpl reward model\n\nA `AutoModelForSequenceClassification` with one output: the reward "
-                "r(x, y) of response y to prompt x, scored as `tokenizer(prompt, response)`.\n"
-            )
+            (tmp / REWARD_META).write_text(json.dumps(
+                {"input_format": self.input_format, "max_length": self.max_length}, indent=2) + "\n")
+            (tmp / "README.md").write_text(reward_model_card(self.input_format))
+
+
+def reward_model_card(input_format: str) -> str:
+    how = {
+        "concat": "one sequence, `prompt + response + eos_token` (as TRL's RewardTrainer tokenises standard data)",
+        "pair": "a text pair, `tokenizer(prompt, response)`",
+        "chat": "the tokenizer's chat template over a user message (the prompt) and an assistant message (the "
+                "response), as TRL's RewardTrainer tokenises conversational data",
+    }[input_format]
+    if input_format == "chat":
+        snippet = ('messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]\n'
+                   'inputs = tok.apply_chat_template(messages, return_dict=True, return_tensors="pt")')
+    elif input_format == "pair":
+        snippet = 'inputs = tok(prompt, response, return_tensors="pt")'
+    else:
+        snippet = 'inputs = tok(prompt + response + (tok.eos_token or ""), return_tensors="pt")'
+    return (
+        "---\nlibrary_name: transformers\ntags: [reward-model, oodpl]\n---\n\n# oodpl reward model\n\n"
+        "An `AutoModelForSequenceClassification` with one output (`id2label: {0: reward}`): the reward r(x, y) of "
+        f"response y to prompt x. Input format `{input_format}` (recorded in `{REWARD_META}`): {how}.\n\n"
+        "```python\nimport torch\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+        'path = "."  # this directory\ntok = AutoTokenizer.from_pretrained(path)\n'
+        "model = AutoModelForSequenceClassification.from_pretrained(path).eval()\n"
+        'prompt, response = "How do I keep basil fresh?", " Keep the stems in a glass of water."\n'
+        f"{snippet}\nwith torch.no_grad():\n    reward = model(**inputs).logits[0, 0].item()\n```\n\n"
+        "With oodpl: `oodpl meta-test --reward-model <this directory> ...` reads the input format from "
+        f"`{REWARD_META}`.\n"
+    )
+
+
+def stored_input_format(source: str | Path) -> str | None:
+    """The input format recorded beside a saved reward model (oodpl_reward.json), or None."""
+    meta = Path(source) / REWARD_META
+    if not meta.is_file():
+        return None
+    try:
+        value = json.loads(meta.read_text(encoding="utf-8")).get("input_format")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{meta}: unreadable ({str(e).splitlines()[0]}); the reward model directory is damaged") \
+            from None
+    if value not in INPUT_FORMATS:
+        raise UserError(f"{meta}: input_format {value!r} is not one of {', '.join(INPUT_FORMATS)}")
+    return value
 
 
 def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
@@ -348,4 +430,17 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()  # deterministic scores: the hypergradient assumes r_phi is a function
-    return RewardModel(model=model, tokenizer=tokenizer, max_length=cfg.max_length)
+    stored = stored_input_format(source) if cfg.name_or_path != TINY and Path(source).is_dir() else None
+    input_format = cfg.input_format or stored or DEFAULT_INPUT_FORMAT
+    if stored and cfg.input_format and cfg.input_format != stored:
+        log.warning("reward.input_format %s overrides %s recorded in %s/%s", cfg.input_format, stored, source,
+                    REWARD_META)
+    return RewardModel(model=model, tokenizer=tokenizer, max_length=cfg.max_length, input_format=input_format)
+
+
+def load_reward_checkpoint(path: str | Path, reward: RewardConfig) -> RewardModel:
+    """A saved reward-model checkpoint (ours, a baseline's, or any HF sequence-classification model), loaded with the
+    run's reward settings (max_length, dtype)."""
+    import dataclasses
+
+    return load_reward_model(dataclasses.replace(reward, name_or_path=str(path)))

@@ -217,14 +217,18 @@ def _iter_dataset_dir(path: Path) -> Iterator[tuple[str, dict]]:
     return _rows_of_table(str(path), ds.to_list())
 
 
-def _iter_hub(spec: str) -> Iterator[tuple[str, dict]]:
+def _iter_hub(spec: str, hub: dict | None = None) -> Iterator[tuple[str, dict]]:
+    """A hub dataset; `hub` may give load_dataset's config `name`, `data_dir` and `split` (data.hub_config,
+    data.hub_data_dir, data.hub_split); a split in the id (owner/name:split) wins."""
     m = HUB_ID.match(spec)
-    repo, split = m.group(1), m.group(2) or "train"
+    hub = {k: v for k, v in (hub or {}).items() if v}
+    repo, split = m.group(1), m.group(2) or hub.pop("split", None) or "train"
+    hub.pop("split", None)
     require_hub(f"{spec} is not a local file, so it was taken as a hub dataset id; loading it")
     import datasets
 
     try:
-        ds = datasets.load_dataset(repo, split=split)
+        ds = datasets.load_dataset(repo, split=split, **hub)
     except Exception as e:
         raise UserError(
             f"{spec}: could not load the hub dataset {repo} split {split} ({str(e).splitlines()[0][:200]}); "
@@ -233,9 +237,10 @@ def _iter_hub(spec: str) -> Iterator[tuple[str, dict]]:
     return _rows_of_table(f"{repo}:{split}", ds.to_list())
 
 
-def iter_rows(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[str, list[tuple[str, dict]]]:
+def iter_rows(path: str | os.PathLike, encoding: str = "utf-8",
+              hub: dict | None = None) -> tuple[str, list[tuple[str, dict]]]:
     """Return (label, [(location, row), ...]) for a file, saved dataset directory or hub id; `encoding` is that of
-    text files (JSONL, CSV), decoded strictly."""
+    text files (JSONL, CSV), decoded strictly; `hub`: load_dataset options (name, data_dir, split) for a hub id."""
     spec = str(path)
     p = Path(os.path.expanduser(spec))
     if p.is_dir():
@@ -257,7 +262,7 @@ def iter_rows(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[str, li
             f"{p}: unknown file type {suffix or '(no suffix)'}; use .jsonl, .json, .csv, .tsv or .parquet"
         )
     if _is_hub_id(spec):
-        return spec, list(_iter_hub(spec))
+        return spec, list(_iter_hub(spec, hub))
     raise UserError(f"{spec} does not exist; check the path (relative paths start from {Path.cwd()})")
 
 
@@ -325,21 +330,143 @@ def _number(where: str, row: dict, field: str, col: str | None) -> float | None:
     return x
 
 
-def read_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None,
-               encoding: str = "utf-8") -> list[PairRecord]:
-    """Read preference pairs; `columns` maps our field name (domain, prompt, chosen, rejected, margin, weight) to the
-    file's column name; `encoding` is that of a text file (data.encoding)."""
-    label, rows = iter_rows(path, encoding)
-    if not rows:
-        raise UserError(f"{label}: no records; the file is empty")
-    m = _resolve_columns(label, rows, PAIR_FIELDS, PAIR_REQUIRED, columns)
+# ----------------------------------------------------------------------------------------------------------------------
+# Shapes of preference data: TRL's dataset formats, with or without a domain column
+#
+# standard:        prompt, chosen, rejected are strings (the prompt is explicit)
+# implicit prompt: chosen and rejected are full texts that start with the same prompt (e.g. Anthropic/hh-rlhf); the
+#                  shared prefix is the prompt, cut as trl.data_utils.extract_prompt cuts it
+# conversational:  prompt / chosen / rejected are lists of {"role", "content"} messages, or chosen / rejected are whole
+#                  conversations whose shared turns are the prompt (e.g. trl-lib/ultrafeedback_binarized); prompts keep
+#                  their text and are rendered with a chat template downstream (policy.chat_template,
+#                  reward.input_format: chat)
+# SHP:             stanfordnlp/SHP rows (history, human_ref_A, human_ref_B, labels), read as hub.load_shp reads them
+# A file without a domain column is one domain: `domain` (data.domain) or the file's name.
+
+SHAPES = ("standard (prompt, chosen and rejected strings), implicit prompt (chosen and rejected full texts that start "
+          "with the same prompt), or conversational (lists of {\"role\", \"content\"} messages)")
+SHP_COLUMNS = ("history", "human_ref_A", "human_ref_B", "labels")
+
+
+def is_messages(value: Any) -> bool:
+    """A conversation: a non-empty list of {"role", "content"} dicts (TRL's conversational format)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def default_domain(label: str, domain: str | None) -> str:
+    """The domain of a source without a domain column: `domain` (data.domain / --domain) or the file's name."""
+    if domain and domain.strip():
+        return domain.strip()
+    name = Path(label.split(":")[0].rstrip("/")).name
+    for suffix in TEXT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or "default"
+
+
+def _content(where: str, col: str, message: dict) -> str:
+    content = message.get("content")
+    if not isinstance(content, str):
+        raise UserError(f"{where}: column {col!r}: message content must be a string, got {type(content).__name__} "
+                        "(multimodal content parts are not supported)")
+    return content
+
+
+def _prompt_from_messages(where: str, col: str, messages: list) -> str:
+    """The prompt of a single-turn conversation: its one user message (the chat template is applied downstream)."""
+    roles = [str(m.get("role")) for m in messages]
+    if roles != ["user"]:
+        raise UserError(f"{where}: column {col!r}: the prompt is a conversation with roles {', '.join(roles) or '(none)'}"
+                        "; only single-turn prompts (one user message) are supported")
+    return _content(where, col, messages[0])
+
+
+def _completion_from_messages(where: str, col: str, messages: list) -> str:
+    roles = [str(m.get("role")) for m in messages]
+    if roles != ["assistant"]:
+        raise UserError(f"{where}: column {col!r}: after the shared prompt the response must be one assistant message, "
+                        f"got roles {', '.join(roles) or '(none)'}; expected {SHAPES}")
+    return _content(where, col, messages[0])
+
+
+def _pair_texts(where: str, row: dict, m: dict[str, str]) -> tuple[str, str, str, str]:
+    """(prompt, chosen, rejected, shape) of one row in any accepted shape."""
+    from trl.data_utils import extract_prompt, maybe_extract_prompt
+
+    chosen, rejected = row.get(m["chosen"]), row.get(m["rejected"])
+    prompt = row.get(m["prompt"]) if "prompt" in m else None
+    if is_messages(chosen) or is_messages(rejected):
+        if not (is_messages(chosen) and is_messages(rejected)):
+            raise UserError(f"{where}: chosen is {'a conversation' if is_messages(chosen) else 'not a conversation'} "
+                            f"but rejected is {'one' if is_messages(rejected) else 'not'}; expected {SHAPES}")
+        example = {"chosen": chosen, "rejected": rejected}
+        if prompt is not None:
+            example["prompt"] = prompt
+        example = maybe_extract_prompt(example)  # TRL: a string prompt beside conversations is re-extracted
+        if not example["prompt"]:
+            raise UserError(f"{where}: chosen and rejected conversations share no prompt turn and there is no "
+                            f"conversational prompt column; expected {SHAPES}")
+        if not is_messages(example["prompt"]):
+            raise UserError(f"{where}: the prompt must be a list of messages when chosen and rejected are; "
+                            f"expected {SHAPES}")
+        ptext = _prompt_from_messages(where, m.get("prompt", m["chosen"]), example["prompt"])
+        return (ptext, _completion_from_messages(where, m["chosen"], example["chosen"]),
+                _completion_from_messages(where, m["rejected"], example["rejected"]), "conversational")
+    for field_, value in (("chosen", chosen), ("rejected", rejected), ("prompt", prompt)):
+        if isinstance(value, (list, dict)):
+            raise UserError(f"{where}: column {m[field_]!r} ({field_}) must be a string or a list of "
+                            f"{{\"role\", \"content\"}} messages, got a {type(value).__name__}; expected {SHAPES}")
+    chosen = _text(where, row, "chosen", m["chosen"])
+    rejected = _text(where, row, "rejected", m["rejected"])
+    if "prompt" in m:
+        return _text(where, row, "prompt", m["prompt"]), chosen, rejected, "standard"
+    example = extract_prompt({"chosen": chosen, "rejected": rejected})
+    if not example["prompt"].strip() or not example["chosen"].strip() or not example["rejected"].strip():
+        raise UserError(f"{where}: no prompt column, and chosen and rejected do not start with a shared prompt followed "
+                        f"by two different responses (implicit prompt); expected {SHAPES}; or map the prompt column "
+                        "with data.columns / --column prompt=<column>")
+    return example["prompt"], example["chosen"], example["rejected"], "implicit prompt"
+
+
+def _check_mapping(label: str, m: dict[str, str]) -> None:
+    """One file column may feed one field only (`--column prompt=chosen` on hh-rlhf would score prompt+prompt...)."""
+    seen: dict[str, str] = {}
+    for f, col in m.items():
+        if col in seen:
+            raise UserError(f"{label}: column {col!r} is mapped to both {seen[col]} and {f}; each field needs its own "
+                            "column (for chosen/rejected texts that contain the prompt, map no prompt column: the "
+                            "shared prefix is extracted as the prompt)")
+        seen[col] = f
+
+
+def _present(rows: list[tuple[str, dict]]) -> set:
+    present: set = set()
+    for _, row in rows[:1000]:
+        present.update(row)
+    return present
+
+
+def _shp_pairs(label: str, rows: list[tuple[str, dict]]) -> list[PairRecord]:
+    from .hub import load_shp
+
+    return load_shp(data=[row for _, row in rows])[0]
+
+
+def _pairs_from_rows(label: str, rows: list[tuple[str, dict]], columns: dict[str, str] | None,
+                     domain: str | None) -> list[PairRecord]:
+    present = _present(rows)
+    if not columns and "chosen" not in present and all(c in present for c in SHP_COLUMNS):
+        return _shp_pairs(label, rows)
+    m = _resolve_columns(label, rows, PAIR_FIELDS, ("chosen", "rejected"), columns)
+    _check_mapping(label, m)
+    fixed = None if "domain" in m else default_domain(label, domain)
     out = []
     for where, row in rows:
+        prompt, chosen, rejected, _shape = _pair_texts(where, row, m)
         rec = PairRecord(
-            domain=_text(where, row, "domain", m["domain"]).strip(),
-            prompt=_text(where, row, "prompt", m["prompt"]),
-            chosen=_text(where, row, "chosen", m["chosen"]),
-            rejected=_text(where, row, "rejected", m["rejected"]),
+            domain=fixed if fixed is not None else _text(where, row, "domain", m["domain"]).strip(),
+            prompt=prompt, chosen=chosen, rejected=rejected,
             margin=_number(where, row, "margin", m.get("margin")),
             weight=_number(where, row, "weight", m.get("weight")),
         )
@@ -349,34 +476,63 @@ def read_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None,
     return out
 
 
-def read_prompts(path: str | os.PathLike, columns: dict[str, str] | None = None,
-                 encoding: str = "utf-8") -> list[PromptRecord]:
-    """Read prompts (domain, prompt[, reference]); `columns` and `encoding` as for `read_pairs`."""
-    label, rows = iter_rows(path, encoding)
+def read_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None, encoding: str = "utf-8",
+               domain: str | None = None, hub: dict | None = None) -> list[PairRecord]:
+    """Read preference pairs in any accepted shape (standard, implicit prompt, conversational, SHP); `columns` maps our
+    field name (domain, prompt, chosen, rejected, margin, weight) to the file's column name; `encoding` is that of a
+    text file (data.encoding); `domain` names the one domain of a source without a domain column (default: the file
+    name); `hub` holds load_dataset's config name / data_dir / split for a hub id."""
+    label, rows = iter_rows(path, encoding, hub)
     if not rows:
         raise UserError(f"{label}: no records; the file is empty")
-    m = _resolve_columns(label, rows, PROMPT_FIELDS, PROMPT_REQUIRED, columns)
+    return _pairs_from_rows(label, rows, columns, domain)
+
+
+def read_prompts(path: str | os.PathLike, columns: dict[str, str] | None = None, encoding: str = "utf-8",
+                 domain: str | None = None, hub: dict | None = None) -> list[PromptRecord]:
+    """Read prompts (domain, prompt[, reference]): a prompt column of strings or single-turn conversations, or a
+    pairs source of any shape (its distinct prompts); other arguments as for `read_pairs`."""
+    label, rows = iter_rows(path, encoding, hub)
+    if not rows:
+        raise UserError(f"{label}: no records; the file is empty")
+    present = _present(rows)
+    columns = dict(columns or {})
+    if columns.get("prompt", "prompt") not in present and (
+            columns.get("chosen", "chosen") in present or all(c in present for c in SHP_COLUMNS)):
+        pairs = _pairs_from_rows(label, rows, columns, domain)
+        seen = dict.fromkeys((p.domain, p.prompt) for p in pairs)
+        return [PromptRecord(domain=d, prompt=p) for d, p in seen]
+    m = _resolve_columns(label, rows, PROMPT_FIELDS, ("prompt",), columns)
+    _check_mapping(label, m)
+    fixed = None if "domain" in m else default_domain(label, domain)
     out = []
     for where, row in rows:
+        value = row.get(m["prompt"])
+        if is_messages(value):
+            prompt = _prompt_from_messages(where, m["prompt"], value)
+        elif isinstance(value, (list, dict)):
+            raise UserError(f"{where}: column {m['prompt']!r} (prompt) must be a string or a single-turn "
+                            f"conversation (a list of {{\"role\", \"content\"}} messages), got a {type(value).__name__}")
+        else:
+            prompt = _text(where, row, "prompt", m["prompt"])
         ref = None
         if "reference" in m:
             ref = _text(where, row, "reference", m["reference"], allow_empty=True) or None
         out.append(PromptRecord(
-            domain=_text(where, row, "domain", m["domain"]).strip(),
-            prompt=_text(where, row, "prompt", m["prompt"]),
-            reference=ref,
-        ))
+            domain=fixed if fixed is not None else _text(where, row, "domain", m["domain"]).strip(),
+            prompt=prompt, reference=ref))
     return out
 
 
-def looks_like_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None, encoding: str = "utf-8") -> bool:
-    """True when the source has the pair columns (chosen and rejected), False when it looks like a prompts file."""
-    _, rows = iter_rows(path, encoding)
-    present: set = set()
-    for _, row in rows[:1000]:
-        present.update(row)
+def looks_like_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None, encoding: str = "utf-8",
+                     hub: dict | None = None) -> bool:
+    """True when the source has the pair columns (chosen and rejected, or SHP's), False when it looks like a prompts
+    file."""
+    _, rows = iter_rows(path, encoding, hub)
+    present = _present(rows)
     columns = columns or {}
-    return columns.get("chosen", "chosen") in present or columns.get("rejected", "rejected") in present
+    return (columns.get("chosen", "chosen") in present or columns.get("rejected", "rejected") in present
+            or all(c in present for c in SHP_COLUMNS))
 
 
 def record_to_dict(rec: PairRecord | PromptRecord) -> dict[str, Any]:

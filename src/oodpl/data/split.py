@@ -129,9 +129,10 @@ def load_records(cfg: DataConfig) -> tuple[list[PairRecord], list[PromptRecord]]
     if cfg.task == "file":
         if not cfg.path:
             raise UserError("config: data.task is 'file' but data.path is not set; set data.path to a pairs file")
-        pairs = read_pairs(cfg.path, cfg.columns, cfg.encoding)
+        hub = {"name": cfg.hub_config, "data_dir": cfg.hub_data_dir, "split": cfg.hub_split}
+        pairs = read_pairs(cfg.path, cfg.columns, cfg.encoding, cfg.domain, hub)
         if cfg.prompts_path:
-            prompts = read_prompts(cfg.prompts_path, cfg.columns, cfg.encoding)
+            prompts = read_prompts(cfg.prompts_path, cfg.columns, cfg.encoding, cfg.domain, hub)
         else:
             prompts = prompts_from_pairs(pairs)
         return pairs, prompts
