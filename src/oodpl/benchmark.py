@@ -1,219 +1,103 @@
-"""`oodpl benchmark`: every method x held-out domain x seed, then results.json, results.csv, report.md and plots.
+"""`oodpl benchmark`: every method x held-out domain x seed, then results.json (v2), results.csv, report.md and plots.
 
-Methods (cfg.benchmark.methods; docs/method.md, "Baselines"), all with the same policy and reward backbones, the same
-meta-train pairs and the same meta-test optimiser (metatest.optimise_policy):
+Methods (cfg.benchmark.methods; method.md, "Baselines"), all with the same policy and reward backbones, the same
+meta-train pairs, the same meta-test optimiser (metatest.optimise_policy) and the same reward standardisation:
 
-    reference    pi_ref itself (no preference learning)
-    erm-rm       Bradley-Terry RM on the pooled meta-train query pairs, then meta-test
-    dpo          DPO of the LoRA policy on the pooled meta-train query pairs; evaluated on held-out prompts directly
-    oracle-rm    BT RM on the held-out domain's own oracle pairs (uses target labels: an upper bound), then meta-test;
-                 one RM per held-out domain, capped at as many pairs as erm-rm gets
-    gold-reward  meta-test optimising the gold judge itself (an upper bound for generation quality)
-    meta-rm      this method: the bilevel meta-trained RM (metatrain.meta_train), then meta-test
-    meta-rm-bt0  ablation: meta.lambda_bt = 0 (pure bilevel, no Bradley-Terry anchor)
-    meta-rm-k3   ablation: meta.inner_steps = 3 with the truncated hypergradient
+    reference        pi_ref itself (no preference learning)
+    erm-rm           Bradley-Terry RM on the pooled meta-train query pairs, then meta-test
+    erm-rm-extra     the control that isolates the hypergradient: erm-rm trained further by BT alone with the same
+                     outer steps, meta-batches, query minibatches and learning rate as meta-training
+                     (metatrain.refine_by_bt)
+    dpo              DPO of the LoRA policy on the pooled meta-train query pairs; evaluated directly
+    oracle-rm        BT RM on the held-out domain's own oracle pairs (target labels: an upper bound), then meta-test
+    gold-reward      meta-test optimising the gold judge itself (an upper bound for generation quality)
+    meta-rm          this method: phi_0 = the seed's erm-rm, refined by the bilevel meta-training, then meta-test
+    meta-rm-bt0 / -k3 / -scratch / -raw   ablations: lambda_bt = 0; K = 3 (truncated); fresh head; raw rewards
 
-Seeds: cfg.benchmark.seeds; seed s sets cfg.seed = s (model initialisation, sampling, minibatches) while data.seed
-stays fixed, so every seed sees the same domain split.
+Seeds: cfg.benchmark.seeds; seed s sets cfg.seed = s (initialisation, sampling, minibatches) while data.seed stays
+fixed, so every seed sees the same domain split. Tuning: with benchmark.select, `oodpl select` first chooses each
+tuned method's learning rate (select.grids) by leave-one-meta-train-domain-out; held-out domains are never used.
 
 Layout of the output directory (each finished unit is written atomically and skipped on a rerun):
 
-    DIR/oodpl_run.json                          run marker (a different config in DIR is refused)
-    DIR/config.yaml, DIR/split.json
-    DIR/seed-S/erm-rm/reward_model/             HF sequence-classification checkpoints
-    DIR/seed-S/oracle-rm/<domain>/reward_model/
-    DIR/seed-S/meta-rm/ (also meta-rm-bt0/, meta-rm-k3/)   meta_train run directories (reward_model/, metrics.jsonl)
-    DIR/seed-S/dpo/policy_trainable.pt          the DPO-trained LoRA tensors
-    DIR/seed-S/samples/<method>/<domain>/beta-<b>.json     meta-test history + evaluation samples
-    DIR/seed-S/samples/{reference,dpo}/<domain>/policy.json
-    DIR/seed-S/eval/<method>/<domain>.json      metrics of one (method, domain, seed)
-    DIR/seed-S/units/<unit>.json                "done" markers with the unit's wall time
-    DIR/select/                                 with benchmark.select: the `oodpl select` run (selection.json/.md)
-    DIR/results.json, DIR/results.csv, DIR/report.md, DIR/plots/*.png
+    DIR/oodpl_run.json, DIR/config.yaml, DIR/split.json
+    DIR/select/                                      the selection run (selection.json / .md) with benchmark.select
+    DIR/shared/<domain>/agreement.json               ONE set of pi_ref samples per held-out domain + gold scores
+    DIR/shared/<domain>/adapt_reference.json         pi_ref samples on the adaptation prompts (reward scales)
+    DIR/seed-S/erm-rm/reward_model/, DIR/seed-S/erm-rm-extra/, DIR/seed-S/oracle-rm/<domain>/reward_model/
+    DIR/seed-S/meta-rm/ (and the ablations)          meta_train run directories (reward_model/, metrics.jsonl)
+    DIR/seed-S/dpo/policy_trainable.pt
+    DIR/seed-S/samples/<method>/<domain>/beta-<b>.json (or policy.json)   meta-test history + evaluation samples
+    DIR/seed-S/eval/<method>/<domain>.json           one cell: metrics, n, units, frontier
+    DIR/seed-S/units/<unit>.json                     "done" markers with the unit's wall time
+    DIR/results.json, results.csv, report.md, plots/*.png
 
-results.json schema (stable):
-
-    {
-      "config": {...the resolved Config...},
-      "seeds": [0, ...],
-      "split": {...DomainSplit.summary()...},
-      "methods": {
-        METHOD: {
-          "domains": {
-            DOMAIN: {
-              "pl_accuracy": AGG, "gold_reward": AGG, "kl": AGG,
-              "win_rate_vs_reference": AGG, "win_rate_vs_erm": AGG, "rm_gold_agreement": AGG,
-              "gold_reward_ci": [ {"mean", "low", "high", "n"} per seed ]     # 95% interval over samples
-            }
-          },
-          "mean_over_domains": {the six metric keys: AGG of the per-seed means over domains}
-        }
-      },
-      "frontier": {METHOD: {DOMAIN: [{"beta", "gold_reward", "gold_reward_std", "kl", "kl_std"} per beta_test]}},
-      "selection": null, or with benchmark.select {"criterion", "folds", "best": {meta.KEY: value}, "set_flags"}
-                   (leave-one-domain-out within meta-train domains, selection.py; applied to the meta-rm methods),
-      "timings": {"units": {UNIT: seconds}, "by_stage": {...}, "by_method": {...}, "wall_seconds_this_run": s}
-    }
-
-AGG = metrics.aggregate_seeds(...) = {"mean", "std", "n", "per_seed"}; a metric that does not apply to a method
-(pl_accuracy and rm_gold_agreement of reference / gold-reward, rm_gold_agreement of dpo, win_rate_vs_erm without
-erm-rm) has per_seed entries null and mean/std null. The per-domain metrics, win rates and the report's main table
-use the first beta_test; the frontier (for methods that run the meta-test optimiser) uses every beta_test; reference
-and dpo have one frontier point with beta null.
+results.json follows the v2 schema of report.py (cells with metrics, n, per-unit values, frontier and matched KL).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import platform
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, RewardConfig, dump_config, with_overrides
+from .config import Config, dump_config, with_overrides
 from .data.split import DomainSplit, build_split
-from .errors import UserError, atomic_write_json, atomic_write_text, prepare_run_dir
-from .evaluate import (dpo_pl_accuracy, gold_scores, load_samples, references_for, rm_pl_accuracy, rm_sample_scores,
-                       sample_metrics)
-from .metatest import draw_eval_samples, judge_fn, optimise_policy, reward_model_fn
-from .metrics import aggregate_seeds
-from .report import METRICS, make_plots, render_report, write_csv
+from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
+from .evaluate import (agreement, dpo_pl, gold_scores, load_samples, load_shared_reference_samples, prompt_clusters,
+                       references_for, rm_pl, rm_sample_scores, sample_metrics, shared_reference_samples)
+from .metatest import (adapt_reference_samples, eval_seed, judge_fn, meta_test_to_file, policy_samples_to_file,
+                       reference_reward_scale, reward_model_fn)
 from .runlog import seed_everything
+from .stats import interpolate_at_kl, matched_kl
 
-ALL_METHODS = ["reference", "erm-rm", "dpo", "oracle-rm", "gold-reward", "meta-rm", "meta-rm-bt0", "meta-rm-k3"]
-META_METHODS = {"meta-rm", "meta-rm-bt0", "meta-rm-k3"}
-RM_METHODS = {"erm-rm", "oracle-rm"} | META_METHODS
+ABLATIONS = {
+    "meta-rm-bt0": {"meta.lambda_bt": 0.0},
+    "meta-rm-k3": {"meta.inner_steps": 3, "meta.hypergrad": "truncated"},
+    "meta-rm-scratch": {"meta.init": "scratch"},
+    "meta-rm-raw": {"rloo.reward_norm": "none"},
+}
+META_METHODS = {"meta-rm"} | set(ABLATIONS)
+ALL_METHODS = ["reference", "erm-rm", "erm-rm-extra", "dpo", "oracle-rm", "gold-reward", "meta-rm", *ABLATIONS]
+RM_METHODS = {"erm-rm", "erm-rm-extra", "oracle-rm"} | META_METHODS
 OPTIMISED = RM_METHODS | {"gold-reward"}  # methods that run the meta-test optimiser (one samples file per beta)
+BASELINES = ["erm-rm", "erm-rm-extra"]
+TUNED = {"erm-rm": "erm-rm", "erm-rm-extra": "erm-rm-extra", "dpo": "dpo"} | {m: "meta-rm" for m in META_METHODS}
+
 
 def _fmt_beta(b: float) -> str:
     return f"{b:g}"
 
 
-def eval_seed(seed: int, domain_index: int) -> int:
-    """Generator seed of the evaluation samples: shared by every method (common random numbers)."""
-    return 1_000_003 * seed + 7_919 * domain_index + 17
-
-
 def seed_config(cfg: Config, seed: int, method: str | None = None, selected: dict | None = None) -> Config:
-    """The config of one seed (and one meta method: the leave-one-domain-out choice first, then the ablation)."""
-    c = with_overrides(cfg, selected, where="select") if selected and method in META_METHODS else copy.deepcopy(cfg)
+    """The config of one seed and method: the method's leave-one-domain-out choice, then its ablation."""
+    choice = (selected or {}).get(TUNED.get(method, ""), {})
+    c = with_overrides(cfg, {**choice, **ABLATIONS.get(method, {})}, where=f"select/{method}")
     c.seed = seed
-    if method == "meta-rm-bt0":
-        c.meta.lambda_bt = 0.0
-    elif method == "meta-rm-k3":
-        c.meta.inner_steps = 3
-        c.meta.hypergrad = "truncated"
     return c
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Units shared with `oodpl meta-test`
-
-
-def meta_test_to_file(path: Path, policy, prompts: list[str], reward_fn, cfg: Config, beta: float, opt_seed: int,
-                      sample_seed: int, info: dict, progress: bool = False, desc: str = "meta-test") -> dict:
-    """optimise_policy from pi_ref, then draw_eval_samples; one JSON record written atomically."""
-    t0 = time.time()
-    out = optimise_policy(policy, prompts, reward_fn, cfg, beta, opt_seed, progress=progress, desc=desc)
-    samples = draw_eval_samples(policy, prompts, cfg.eval.samples_per_prompt, sample_seed)
-    record = {**info, "beta": beta, "m": cfg.eval.samples_per_prompt, "history": out["history"],
-              "samples": samples.to_json(), "seconds": time.time() - t0}
-    atomic_write_json(path, record)
-    return record
-
-
-def policy_samples_to_file(path: Path, policy, prompts: list[str], cfg: Config, sample_seed: int, info: dict) -> dict:
-    t0 = time.time()
-    samples = draw_eval_samples(policy, prompts, cfg.eval.samples_per_prompt, sample_seed)
-    record = {**info, "beta": None, "m": cfg.eval.samples_per_prompt, "history": [], "samples": samples.to_json(),
-              "seconds": time.time() - t0}
-    atomic_write_json(path, record)
-    return record
-
-
-def load_rm(path: Path, cfg: Config):
-    from .models import load_reward_model
-
-    return load_reward_model(RewardConfig(name_or_path=str(path), max_length=cfg.reward.max_length,
-                                          dtype=cfg.reward.dtype))
-
-
-def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domains: list[str] | None = None) -> dict:
-    """`oodpl meta-test`: every held-out domain (or `domains`) x every beta_test with a frozen RM checkpoint."""
-    from .models import load_policy
-
-    out = Path(output)
-    rm_path = Path(reward_model)
-    if not rm_path.exists():
-        raise UserError(f"--reward-model {rm_path} does not exist; pass a Hugging Face sequence-classification "
-                        "checkpoint directory (e.g. RUN/reward_model)")
-    from .distributed import make_accelerator
-
-    # Under `accelerate launch` each process takes every world-th (domain, beta) unit; the main process writes the
-    # shared files.
-    accelerator = make_accelerator()
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    if main:
-        prepare_run_dir(out, "meta-test", {"config": cfg.fingerprint(), "reward_model": str(rm_path.resolve()),
-                                           "domains": domains})
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-        split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
-        split.save(out / "split.json")
-    accelerator.wait_for_everyone()
-    split = DomainSplit.load(out / "split.json")
-    names = sorted(split.held_out)
-    chosen = domains or names
-    for d in chosen:
-        if d not in split.held_out:
-            raise UserError(f"--domains: {d!r} is not a held-out domain of this split; choose from {', '.join(names)}")
-    seed_everything(cfg.seed)
-    rm = load_rm(rm_path, cfg)
-    policy = load_policy(cfg.policy, seed=cfg.seed)
-    policy.model.to(accelerator.device)
-    rm.model.to(accelerator.device)
-    progress = not cfg.quiet and main
-    units = [(d, b) for d in chosen for b in cfg.meta_test.beta_test]
-    files = {}
-    for d, beta in units:
-        files.setdefault(d, {})[_fmt_beta(beta)] = str(out / d / f"beta-{_fmt_beta(beta)}.json")
-    bar = tqdm(units[rank::world], desc="meta-test", disable=not progress, unit="run")
-    for d, beta in bar:
-        path = out / d / f"beta-{_fmt_beta(beta)}.json"
-        if path.exists():
-            continue
-        di = names.index(d)
-        prompts = [p.prompt for p in split.held_out[d].eval_prompts]
-        meta_test_to_file(path, policy, prompts, reward_model_fn(rm), cfg, beta, cfg.seed * 1000 + di,
-                          eval_seed(cfg.seed, di), {"method": "reward-model", "reward_model": str(rm_path),
-                                                    "domain": d, "seed": cfg.seed},
-                          progress=progress, desc=f"meta-test {d} beta={beta:g}")
-    bar.close()
-    accelerator.wait_for_everyone()
-    index = {"reward_model": str(rm_path), "files": files}
-    if main:
-        atomic_write_json(out / "meta_test.json", index)
-    return index
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The benchmark
-
-
-class _SeedState:
+class _SeedPolicy:
     """Per seed: one policy (LoRA init of that seed) whose initial trainable tensors are restored before each use."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, device):
+        self.cfg, self.device = cfg, device
         self._policy = None
         self._init = None
 
-    def policy(self):
+    def get(self):
         from .models import load_policy
 
         if self._policy is None:
             self._policy = load_policy(self.cfg.policy, seed=self.cfg.seed)
+            self._policy.model.to(self.device)
             self._init = {k: v.detach().clone() for k, v in self._policy.trainable_parameters().items()}
         with torch.no_grad():
             for k, p in self._policy.trainable_parameters().items():
@@ -234,12 +118,19 @@ class Benchmark:
         if not cfg.benchmark.seeds:
             raise UserError("benchmark.seeds is empty; list at least one seed")
         self.methods = list(dict.fromkeys(cfg.benchmark.methods))
+        needs_erm = {"erm-rm-extra"} | {m for m in META_METHODS if m != "meta-rm-scratch"}
+        if needs_erm & set(self.methods) and "erm-rm" not in self.methods:
+            self.methods.insert(0, "erm-rm")  # the warm start of erm-rm-extra and meta-rm (method.md, Init.)
         self.seeds = list(dict.fromkeys(cfg.benchmark.seeds))
         self.betas = list(cfg.meta_test.beta_test)
         self._gold_cache: dict[str, list[float]] = {}
         self._rm_cache: dict[str, object] = {}
+        self._scale_cache: dict[tuple[str, str], float] = {}
+        from .distributed import make_accelerator
 
-    # --------------------------------------------------------------------------------------------------- helpers
+        self.device = make_accelerator().device
+
+    # --------------------------------------------------------------------------------------------------- paths
     def sdir(self, seed: int) -> Path:
         return self.dir / f"seed-{seed}"
 
@@ -254,19 +145,22 @@ class Benchmark:
         return self.betas if method in OPTIMISED else [None]
 
     def rm_dir(self, seed: int, method: str, domain: str) -> Path | None:
-        if method == "erm-rm":
-            return self.sdir(seed) / "erm-rm" / "reward_model"
         if method == "oracle-rm":
             return self.sdir(seed) / "oracle-rm" / domain / "reward_model"
-        if method in META_METHODS:
+        if method in RM_METHODS:
             return self.sdir(seed) / method / "reward_model"
         return None
 
+    # ------------------------------------------------------------------------------------------------- caches
     def rm(self, path: Path):
+        from .models import load_reward_checkpoint
+
         key = str(path)
         if key not in self._rm_cache:
             self._rm_cache.clear()  # one RM in memory at a time
-            self._rm_cache[key] = load_rm(path, self.cfg)
+            rm = load_reward_checkpoint(path, self.cfg.reward)
+            rm.model.to(self.device)
+            self._rm_cache[key] = rm
         return self._rm_cache[key]
 
     def gold(self, path: Path, domain: str) -> list[float]:
@@ -276,18 +170,25 @@ class Benchmark:
             self._gold_cache[key] = gold_scores(self.judge, samples, self.refs[domain])
         return self._gold_cache[key]
 
-    # ------------------------------------------------------------------------------------------------------ plan
+    def config(self, s: int, method: str | None = None) -> Config:
+        return seed_config(self.cfg, s, method, self.selected)
+
+    # -------------------------------------------------------------------------------------------------- plan
     def plan(self) -> list[tuple[int, str, callable]]:
         """(seed, unit name, run function) in execution order."""
         units = []
-        split = self.split
-        domains = sorted(split.held_out)
-        if self.cfg.benchmark.select and META_METHODS & set(self.methods):
-            units.append((self.seeds[0], "select", self.run_select))
+        domains = sorted(self.split.held_out)
+        first = self.seeds[0]
+        if self.cfg.benchmark.select:
+            units.append((first, "select", self.run_select))
+        for di, d in enumerate(domains):
+            units.append((first, f"shared/{d}", lambda d=d, di=di: self.shared_samples(d, di)))
         for s in self.seeds:
-            st = _SeedState(seed_config(self.cfg, s))
+            pol = _SeedPolicy(self.config(s), self.device)
             if "erm-rm" in self.methods:
                 units.append((s, "train/erm-rm", lambda s=s: self.train_erm(s)))
+            if "erm-rm-extra" in self.methods:
+                units.append((s, "train/erm-rm-extra", lambda s=s: self.train_erm_extra(s)))
             if "oracle-rm" in self.methods:
                 for d in domains:
                     units.append((s, f"train/oracle-rm/{d}", lambda s=s, d=d: self.train_oracle(s, d)))
@@ -295,7 +196,7 @@ class Benchmark:
                 if m in META_METHODS:
                     units.append((s, f"train/{m}", lambda s=s, m=m: self.train_meta(s, m)))
             if "dpo" in self.methods:
-                units.append((s, "train/dpo", lambda s=s, st=st: self.train_dpo(s, st)))
+                units.append((s, "train/dpo", lambda s=s, pol=pol: self.train_dpo(s, pol)))
             sample_methods = list(dict.fromkeys(["reference"] + (["erm-rm"] if "erm-rm" in self.methods else [])
                                                 + self.methods))
             for m in sample_methods:
@@ -303,198 +204,297 @@ class Benchmark:
                     for b in self.sample_betas(m):
                         tag = "policy" if b is None else f"beta-{_fmt_beta(b)}"
                         units.append((s, f"sample/{m}/{d}/{tag}",
-                                      lambda s=s, m=m, d=d, di=di, b=b, st=st: self.sample(s, st, m, d, di, b)))
+                                      lambda s=s, m=m, d=d, di=di, b=b, pol=pol: self.sample(s, pol, m, d, di, b)))
             for m in self.methods:
                 for d in domains:
-                    units.append((s, f"eval/{m}/{d}", lambda s=s, m=m, d=d, st=st: self.evaluate(s, st, m, d)))
+                    units.append((s, f"eval/{m}/{d}", lambda s=s, m=m, d=d, pol=pol: self.evaluate(s, pol, m, d)))
         return units
 
-    # ----------------------------------------------------------------------------------------------------- units
+    # ------------------------------------------------------------------------------------------------- units
+    def run_select(self) -> None:
+        from .selection import select_hyperparameters
+
+        select_hyperparameters(seed_config(self.cfg, self.seeds[0]), self.dir / "select",
+                               methods=[m for m in self.methods if m in TUNED])
+
+    def load_selection(self) -> dict:
+        path = self.dir / "select" / "selection.json"
+        if not (self.cfg.benchmark.select and path.exists()):
+            return {}
+        return json.loads(path.read_text())
+
+    def shared_samples(self, d: str, di: int) -> None:
+        """The domain's shared pi_ref samples: for rm_gold_agreement (evaluation prompts, with gold scores) and for
+        the meta-test reward scales (adaptation prompts). pi_ref does not depend on the seed: drawn once."""
+        policy = _SeedPolicy(self.config(self.seeds[0]), self.device).get()
+        ho = self.split.held_out[d]
+        shared_reference_samples(self.dir / "shared" / d / "agreement.json", policy,
+                                 [p.prompt for p in ho.eval_prompts], self.cfg.eval.agreement_samples,
+                                 eval_seed(10_007, di), self.judge, self.refs[d])
+        adapt_reference_samples(self.dir / "shared" / d / "adapt_reference.json", policy,
+                                [p.prompt for p in ho.adapt_prompts], self.cfg, di)
+
     def train_erm(self, s: int) -> None:
-        self._train_rm(s, self.split.pooled_pairs(), self.sdir(s) / "erm-rm", "erm-rm")
+        self._train_rm(s, "erm-rm", self.split.pooled_pairs(), self.sdir(s) / "erm-rm", "erm-rm")
 
     def train_oracle(self, s: int, d: str) -> None:
         pairs = self.split.held_out[d].oracle_pairs[: max(1, len(self.split.pooled_pairs()))]
         if len(pairs) < 2:
             raise UserError(f"held-out domain {d} has {len(pairs)} oracle pairs; oracle-rm needs at least 2")
-        self._train_rm(s, pairs, self.sdir(s) / "oracle-rm" / d, f"oracle-rm {d}")
+        self._train_rm(s, "erm-rm", pairs, self.sdir(s) / "oracle-rm" / d, f"oracle-rm {d}")
 
-    def _train_rm(self, s: int, pairs, directory: Path, what: str) -> None:
+    def _train_rm(self, s: int, method: str, pairs, directory: Path, what: str) -> None:
         from .models import load_reward_model
         from .rm_train import train_reward_model
 
-        cfg = seed_config(self.cfg, s)
+        cfg = self.config(s, method)
         seed_everything(s)
         rm = load_reward_model(cfg.reward, seed=s)
+        rm.model.to(self.device)
         stats = train_reward_model(rm, pairs, cfg.train_rm, seed=s, progress=False)
         rm.save(directory / "reward_model")
-        atomic_write_json(directory / "train.json", {"what": what, "pairs": len(pairs), **stats})
+        atomic_write_json(directory / "train.json", {"what": what, "pairs": len(pairs), "lr": cfg.train_rm.lr,
+                                                     **stats})
 
-    def run_select(self) -> None:
-        from .selection import select_hyperparameters
+    def train_erm_extra(self, s: int) -> None:
+        from .metatrain import refine_by_bt
 
-        select_hyperparameters(seed_config(self.cfg, self.seeds[0]), self.dir / "select")
-
-    def selection(self) -> dict | None:
-        path = self.dir / "select" / "selection.json"
-        return json.loads(path.read_text()) if self.cfg.benchmark.select and path.exists() else None
+        refine_by_bt(self.config(s, "erm-rm-extra"), self.split, self.rm_dir(s, "erm-rm", ""),
+                     self.sdir(s) / "erm-rm-extra", progress=self.progress)
 
     def train_meta(self, s: int, method: str) -> None:
         from .metatrain import meta_train
 
-        sel = self.selection()
-        cfg = seed_config(self.cfg, s, method, sel["best"] if sel else None)
-        meta_train(cfg, self.sdir(s) / method, resume=True)
+        cfg = self.config(s, method)
+        init = self.rm_dir(s, "erm-rm", "") if cfg.meta.init == "bt" else None
+        meta_train(cfg, self.sdir(s) / method, resume=True, init_reward_model=init)
 
-    def train_dpo(self, s: int, st: _SeedState) -> None:
+    def train_dpo(self, s: int, pol: _SeedPolicy) -> None:
         from .dpo import save_trainable, train_dpo
 
-        cfg = st.cfg
+        cfg = self.config(s, "dpo")
         seed_everything(s)
-        policy = st.policy()
+        policy = pol.get()
         stats = train_dpo(policy, self.split.pooled_pairs(), cfg.rloo.beta, cfg.benchmark.dpo_epochs,
                           cfg.benchmark.dpo_lr, cfg.train_rm.batch_size, seed=s, progress=self.progress)
         save_trainable(policy, self.sdir(s) / "dpo" / "policy_trainable.pt")
         atomic_write_json(self.sdir(s) / "dpo" / "train.json", {**stats, "beta": cfg.rloo.beta,
+                                                                "lr": cfg.benchmark.dpo_lr,
                                                                 "pairs": len(self.split.pooled_pairs())})
 
-    def sample(self, s: int, st: _SeedState, method: str, d: str, di: int, beta: float | None) -> None:
-        cfg = st.cfg
+    def reward_scale(self, method: str, s: int, d: str, reward) -> float:
+        """The meta-test's fixed scale: the reward's spread on the shared pi_ref samples of the adaptation prompts."""
+        key = (f"{s}/{method}", d)
+        if key not in self._scale_cache:
+            ref, _ = load_samples(self.dir / "shared" / d / "adapt_reference.json")
+            self._scale_cache[key] = reference_reward_scale(reward, ref)
+        return self._scale_cache[key]
+
+    def sample(self, s: int, pol: _SeedPolicy, method: str, d: str, di: int, beta: float | None) -> None:
+        cfg = self.config(s, method)
         path = self.samples_path(s, method, d, beta)
-        prompts = [p.prompt for p in self.split.held_out[d].eval_prompts]
+        ho = self.split.held_out[d]
+        eval_prompts = [p.prompt for p in ho.eval_prompts]
         info = {"method": method, "domain": d, "seed": s}
         seed_everything(s)
-        policy = st.policy()
+        policy = pol.get()
         if method == "reference":
             policy.reset_to_reference()
-            policy_samples_to_file(path, policy, prompts, cfg, eval_seed(s, di), info)
+            policy_samples_to_file(path, policy, eval_prompts, cfg, eval_seed(s, di), info)
             return
         if method == "dpo":
             from .dpo import load_trainable
 
             load_trainable(policy, self.sdir(s) / "dpo" / "policy_trainable.pt")
-            policy_samples_to_file(path, policy, prompts, cfg, eval_seed(s, di), {**info, "dpo_beta": cfg.rloo.beta})
+            policy_samples_to_file(path, policy, eval_prompts, cfg, eval_seed(s, di), {**info, "dpo_beta":
+                                                                                        cfg.rloo.beta})
             return
         if method == "gold-reward":
-            reward = judge_fn(self.judge, self.refs[d])
+            reward = judge_fn(self.judge, self.refs_adapt[d])
         else:
             reward = reward_model_fn(self.rm(self.rm_dir(s, method, d)))
-        meta_test_to_file(path, policy, prompts, reward, cfg, beta, s * 1000 + di, eval_seed(s, di), info,
-                          progress=self.progress, desc=f"meta-test {method} {d} beta={beta:g}")
+        scale = self.reward_scale(method, s, d, reward)
+        meta_test_to_file(path, policy, [p.prompt for p in ho.adapt_prompts], eval_prompts, reward, cfg, beta,
+                          s * 1000 + di, eval_seed(s, di), info, scale, progress=self.progress,
+                          desc=f"meta-test {method} {d} beta={beta:g}")
 
-    def evaluate(self, s: int, st: _SeedState, method: str, d: str) -> None:
-        cfg = st.cfg
+    def evaluate(self, s: int, pol: _SeedPolicy, method: str, d: str) -> None:
+        """One (seed, domain, method) cell: metrics, n, per-unit values and the frontier (matched KL: collect)."""
+        cfg = self.config(s, method)
         ho = self.split.held_out[d]
         b0 = self.sample_betas(method)[0]
         ref_gold = self.gold(self.samples_path(s, "reference", d, None), d)
         erm_gold = (self.gold(self.samples_path(s, "erm-rm", d, self.betas[0]), d)
                     if "erm-rm" in self.methods else None)
         rm_path = self.rm_dir(s, method, d)
-        frontier = []
-        main = None
+        shared, shared_gold = load_shared_reference_samples(self.dir / "shared" / d / "agreement.json")
+        frontier, main, units = [], None, {}
         for b in self.sample_betas(method):
             path = self.samples_path(s, method, d, b)
             samples, record = load_samples(path)
             g = self.gold(path, d)
-            rm_scores = rm_sample_scores(self.rm(rm_path), samples) if (rm_path is not None and b == b0) else None
-            m = sample_metrics(samples, g, ref_gold, erm_gold if b == b0 else None, rm_scores)
+            own = rm_sample_scores(self.rm(rm_path), samples) if (rm_path is not None and b == b0) else None
+            m = sample_metrics(samples, g, ref_gold, erm_gold if b == b0 else None, own)
             frontier.append({"beta": b, "gold_reward": m["gold_reward"], "kl": m["kl"],
                              "gold_reward_ci": m["gold_reward_ci"]})
             if b == b0:
                 main = m
+                units["gold_reward"] = {"values": g, "clusters": prompt_clusters(samples.prompts)}
+                n_samples, n_prompts = len(g), len(set(samples.prompts))
+        pl = agr = None
         if rm_path is not None:
-            main["pl_accuracy"] = rm_pl_accuracy(self.rm(rm_path), ho.eval_pairs)
+            rm = self.rm(rm_path)
+            pl = rm_pl(rm, ho.eval_pairs)
+            agr = agreement(rm_sample_scores(rm, shared), shared_gold, shared.prompts)
         elif method == "dpo":
-            from .dpo import load_trainable
+            from .dpo import implicit_reward_on_samples, load_trainable
 
-            policy = st.policy()
+            policy = pol.get()
             load_trainable(policy, self.sdir(s) / "dpo" / "policy_trainable.pt")
-            main["pl_accuracy"] = dpo_pl_accuracy(policy, ho.eval_pairs, cfg.rloo.beta)
-        else:
-            main["pl_accuracy"] = None
+            pl = dpo_pl(policy, ho.eval_pairs, cfg.rloo.beta)
+            agr = agreement(implicit_reward_on_samples(policy, shared, cfg.rloo.beta), shared_gold, shared.prompts)
+        for key, part in (("pl_accuracy", pl), ("rm_gold_agreement", agr)):
+            main[key] = None if part is None else part["value"]
+            if part is not None:
+                units[key] = part["units"]
+        metrics = {k: main.get(k) for k in ("pl_accuracy", "rm_gold_agreement", "gold_reward", "kl",
+                                            "win_rate_vs_reference", "win_rate_vs_erm", "own_sample_agreement")}
+        n = {"eval_pairs": pl["n"] if pl else 0, "agreement_pairs": agr["n"] if agr else 0,
+             "eval_prompts": n_prompts, "samples": n_samples}
         atomic_write_json(self.sdir(s) / "eval" / method / f"{d}.json",
-                          {"method": method, "domain": d, "seed": s, "beta": b0,
-                           "metrics": {k: main[k] for k in METRICS}, "gold_reward_ci": main["gold_reward_ci"],
-                           "frontier": frontier})
+                          {"seed": s, "domain": d, "method": method, "beta": b0, "metrics": metrics, "n": n,
+                           "units": units, "frontier": frontier})
 
-    # ------------------------------------------------------------------------------------------------------- run
+    # --------------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-        from .judges import make_judge
+        from .judges import judge_from_config
+        from .report import make_plots, render_report, write_csv
 
         t_start = time.time()
-        prepare_run_dir(self.dir, "benchmark", self.cfg.fingerprint())
-        atomic_write_text(self.dir / "config.yaml", dump_config(self.cfg))
-        split_path = self.dir / "split.json"
-        if split_path.exists():
-            self.split = DomainSplit.load(split_path)
-        else:
-            self.split = build_split(self.cfg.data)
+        with claim_run_dir(self.dir, "benchmark", self.cfg.fingerprint()) as claim:
+            split_path = self.dir / "split.json"
+            self.split = DomainSplit.load(split_path) if split_path.exists() else build_split(self.cfg.data)
+            if not self.split.held_out:
+                raise UserError("the split has no held-out domains; set data.held_out_domains")
+            self.judge = judge_from_config(self.cfg, self.split.task)
+            atomic_write_text(self.dir / "config.yaml", dump_config(self.cfg))
             self.split.save(split_path)
-        if not self.split.held_out:
-            raise UserError("the split has no held-out domains; set data.held_out_domains")
-        self.judge = make_judge(self.cfg.eval.judge, self.split.task, self.cfg.eval.llm_url, self.cfg.eval.llm_model)
-        self.refs = {d: references_for(self.split.task, h.eval_prompts) for d, h in self.split.held_out.items()}
-        units = self.plan()
-        done = [self.marker(s, u).exists() for s, u, _ in units]
-        bar = tqdm(total=len(units), initial=sum(done), desc="benchmark", disable=not self.progress, unit="unit",
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
-        for (s, name, fn), finished in zip(units, done):
-            if finished:
-                continue
-            bar.set_postfix_str(f"seed {s}: {name}")
-            t0 = time.time()
-            fn()
-            atomic_write_json(self.marker(s, name), {"unit": name, "seed": s, "seconds": time.time() - t0})
-            bar.update(1)
-        bar.close()
-        results = self.collect(units, wall=time.time() - t_start)
-        atomic_write_json(self.dir / "results.json", results)
-        write_csv(self.dir / "results.csv", results)
-        plots = make_plots(self.dir, results, self.seeds[0])
-        atomic_write_text(self.dir / "report.md", render_report(results, plots, self.dir))
-        return results
+            claim.commit()
+            self.refs = {d: references_for(self.split.task, h.eval_prompts) for d, h in self.split.held_out.items()}
+            self.refs_adapt = {d: references_for(self.split.task, h.adapt_prompts)
+                               for d, h in self.split.held_out.items()}
+            self.selected = {}
+            units = self.plan()
+            done = [self.marker(s, u).exists() for s, u, _ in units]
+            bar = tqdm(total=len(units), initial=sum(done), desc="benchmark", disable=not self.progress,
+                       unit="unit", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+            for (s, name, fn), finished in zip(units, done):
+                if name != "select":
+                    self.selected = {m: v["best"] for m, v in self.load_selection().get("methods", {}).items()}
+                if finished:
+                    continue
+                bar.set_postfix_str(f"seed {s}: {name}")
+                t0 = time.time()
+                fn()
+                atomic_write_json(self.marker(s, name), {"unit": name, "seed": s, "seconds": time.time() - t0})
+                bar.update(1)
+            bar.close()
+            results = self.collect(units, wall=time.time() - t_start)
+            atomic_write_json(self.dir / "results.json", results)
+            write_csv(self.dir / "results.csv", results)
+            plots = make_plots(self.dir, results)
+            atomic_write_text(self.dir / "report.md", render_report(results, plots, self.dir))
+            return results
 
-    # --------------------------------------------------------------------------------------------------- collect
+    # ----------------------------------------------------------------------------------------------- collect
     def collect(self, units, wall: float) -> dict:
         domains = sorted(self.split.held_out)
-        per = {m: {d: {k: [] for k in METRICS + ["gold_reward_ci"]} for d in domains} for m in self.methods}
-        front: dict = {m: {d: {} for d in domains} for m in self.methods}
+        cells = []
+        for s in self.seeds:
+            for d in domains:
+                recs = {m: json.loads((self.sdir(s) / "eval" / m / f"{d}.json").read_text()) for m in self.methods}
+                optimised = [recs[m]["frontier"] for m in recs if m in RM_METHODS - {"oracle-rm"}]
+                target = matched_kl(*optimised) if len(optimised) >= 2 else None
+                for m, rec in recs.items():
+                    at = interpolate_at_kl(rec["frontier"], target) if m in OPTIMISED and target is not None \
+                        else None
+                    rec["metrics"]["gold_at_matched_kl"] = at
+                    rec["matched_kl"] = target
+                    cells.append(rec)
+        return {
+            "version": 2,
+            "config": self.cfg.to_dict(),
+            "seeds": self.seeds,
+            "methods": self.methods,
+            "baselines": [b for b in BASELINES if b in self.methods],
+            "split": self.split.summary(),
+            "domains": domains,
+            "betas": self.betas,
+            "cells": cells,
+            "samples_table": self.samples_table(domains),
+            "diagnostics": self.diagnostics(domains),
+            "meta_curves": self.meta_curves(),
+            "selection": self.load_selection().get("methods", {}),
+            "timings": self.timings(units, wall),
+            "provenance": provenance(wall),
+        }
+
+    def samples_table(self, domains: list[str], rows: int = 4) -> dict:
+        """First evaluation prompts of each domain, one sample each of reference / erm-rm / meta-rm (first seed)."""
+        s = self.seeds[0]
+        shown = [m for m in ("reference", "erm-rm", "erm-rm-extra", "meta-rm") if m in self.methods + ["reference"]]
+        out = {}
+        for d in domains:
+            by_method = {}
+            for m in shown:
+                b = self.sample_betas(m)[0]
+                samples, _ = load_samples(self.samples_path(s, m, d, b))
+                by_method[m] = samples
+            first = by_method["reference"]
+            idx = [i for i in range(0, len(first.prompts), max(1, first.prompts.count(first.prompts[0])))][:rows]
+            out[d] = [{"prompt": first.prompts[i], **{m: by_method[m].responses[i] for m in shown}} for i in idx]
+        return out
+
+    def diagnostics(self, domains: list[str]) -> dict:
+        """Why meta-rm wins or loses (method.md, Statistics and evidence): per seed and meta method, the gradient-term
+        ratio, the reward spread on pi_ref samples of the held-out adaptation prompts before (phi_0 = erm-rm) and
+        after meta-training, the inner step's length, KL and outer loss (and from the selection runs: the outer
+        loss after the inner step on left-out meta-train domains)."""
+        out: dict = {}
         for s in self.seeds:
             for m in self.methods:
+                if m not in META_METHODS:
+                    continue
+                rows = _read_jsonl(self.sdir(s) / m / "metrics.jsonl")
+                entry = {k: [r.get(k) for r in rows] for k in ("grad_ratio", "inner_step_length", "inner_kl",
+                                                               "outer_loss", "inner_reward_std")}
+                spread = {}
                 for d in domains:
-                    rec = json.loads((self.sdir(s) / "eval" / m / f"{d}.json").read_text())
-                    for k in METRICS:
-                        per[m][d][k].append(rec["metrics"][k])
-                    per[m][d]["gold_reward_ci"].append(rec["gold_reward_ci"])
-                    for pt in rec["frontier"]:
-                        key = "null" if pt["beta"] is None else _fmt_beta(pt["beta"])
-                        front[m][d].setdefault(key, {"beta": pt["beta"], "gold_reward": [], "kl": []})
-                        front[m][d][key]["gold_reward"].append(pt["gold_reward"])
-                        front[m][d][key]["kl"].append(pt["kl"])
-        methods = {}
-        for m in self.methods:
-            dom = {}
-            for d in domains:
-                dom[d] = {k: aggregate_seeds(per[m][d][k]) for k in METRICS}
-                dom[d]["gold_reward_ci"] = per[m][d]["gold_reward_ci"]
-            mean_over = {}
-            for k in METRICS:
-                seed_means = []
-                for i in range(len(self.seeds)):
-                    vals = [per[m][d][k][i] for d in domains if per[m][d][k][i] is not None]
-                    seed_means.append(sum(vals) / len(vals) if vals else None)
-                mean_over[k] = aggregate_seeds(seed_means)
-            methods[m] = {"domains": dom, "mean_over_domains": mean_over}
-        frontier = {}
-        for m in self.methods:
-            frontier[m] = {}
-            for d in domains:
-                pts = []
-                for key, v in front[m][d].items():
-                    g, kl = aggregate_seeds(v["gold_reward"]), aggregate_seeds(v["kl"])
-                    pts.append({"beta": v["beta"], "gold_reward": g["mean"], "gold_reward_std": g["std"],
-                                "kl": kl["mean"], "kl_std": kl["std"]})
-                frontier[m][d] = pts
+                    spread[d] = {"before": self._scale_cache.get((f"{s}/erm-rm", d)),
+                                 "after": self._scale_cache.get((f"{s}/{m}", d))}
+                    for who, key in (("erm-rm", "before"), (m, "after")):
+                        if spread[d][key] is None and who in self.methods:
+                            rec = self.samples_path(s, who, d, self.betas[0])
+                            if rec.exists():
+                                spread[d][key] = load_samples(rec)[1].get("reward_scale")
+                entry["reward_spread_ref"] = spread
+                out.setdefault(f"seed-{s}", {})[m] = entry
+        sel = self.load_selection()
+        if sel:
+            out["left_out_meta_train_domains"] = sel.get("lodo_outer_loss", {})
+        return out
+
+    def meta_curves(self) -> dict:
+        out: dict = {}
+        for s in self.seeds:
+            for m in self.methods:
+                if m in META_METHODS or m == "erm-rm-extra":
+                    rows = _read_jsonl(self.sdir(s) / m / "metrics.jsonl")
+                    keep = ("step", "outer_loss", "bt_loss", "query_accuracy", "grad_ratio", "inner_kl")
+                    out.setdefault(f"seed-{s}", {})[m] = [{k: r[k] for k in keep if k in r} for r in rows]
+        return out
+
+    def timings(self, units, wall: float) -> dict:
         unit_times = {}
         for s, name, _ in units:
             mk = self.marker(s, name)
@@ -505,19 +505,39 @@ class Benchmark:
         for key, sec in unit_times.items():
             parts = key.split("/")
             by_stage[parts[1]] = by_stage.get(parts[1], 0.0) + sec
-            method = parts[2] if len(parts) > 2 else parts[1]  # "seed-S/select" has no method part
+            method = parts[2] if len(parts) > 2 else parts[1]
             by_method[method] = by_method.get(method, 0.0) + sec
-        sel = self.selection()
-        return {
-            "config": self.cfg.to_dict(),
-            "selection": None if sel is None else {k: sel[k] for k in ("criterion", "folds", "best", "set_flags")},
-            "seeds": self.seeds,
-            "split": self.split.summary(),
-            "methods": methods,
-            "frontier": frontier,
-            "timings": {"units": unit_times, "by_stage": by_stage, "by_method": by_method,
-                        "total_unit_seconds": sum(unit_times.values()), "wall_seconds_this_run": wall},
-        }
+        return {"units": unit_times, "by_stage": by_stage, "by_method": by_method,
+                "total_unit_seconds": sum(unit_times.values()), "wall_seconds_this_run": wall}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def provenance(wall: float) -> dict:
+    """What made this report: the command line, date, machine, this run's wall time and the load average."""
+    import os
+
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return {"command": "oodpl " + " ".join(sys.argv[1:]) if sys.argv else None,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}",
+            "wall_seconds": round(wall, 1), "load": load}
 
 
 def run_benchmark(cfg: Config, output: str | Path) -> dict:

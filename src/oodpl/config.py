@@ -142,6 +142,7 @@ class EvalConfig:
     llm_url: str | None = None
     llm_model: str | None = None
     samples_per_prompt: int = 2
+    agreement_samples: int = 4  # pi_ref samples per evaluation prompt in the shared rm_gold_agreement set
 
 
 @dataclass
@@ -159,7 +160,10 @@ class BenchmarkConfig:
 class SelectConfig:
     """Leave-one-domain-out selection of meta-training settings within the meta-train domains (`oodpl select`)."""
 
-    grid: dict[str, list[Any]] = field(default_factory=dict)  # meta.* key -> candidate values
+    # method -> {dotted key -> candidate values}: each tuned method (erm-rm, erm-rm-extra, meta-rm, dpo) gets its own
+    # grid; give every method the same number of candidates (equal tuning budget)
+    grids: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # shorthand for grids["meta-rm"] (meta.* keys)
     criterion: str = "outer_loss"  # "outer_loss" (lower is better) or "pair_accuracy" (higher is better)
     folds: int = 0  # meta-train domains left out in turn; 0 = every one
     eval_draws: int = 4  # inner batches averaged when scoring a left-out domain
@@ -348,14 +352,15 @@ def with_overrides(cfg: Config, overrides: dict[str, Any], where: str = "overrid
 # tests/test_config.py fails for an int or float setting that has none. Forms: ">=1", ">0", "[0,1)", "(0,1]" (a
 # range; a list setting applies it to each element), "a|b|c" (one of), "any" (any finite number). Every float
 # setting must be finite whatever its rule; None passes where the type allows it.
+_DTYPES = "float32|fp32|float64|fp64|bfloat16|bf16|float16|fp16"  # the names models.DTYPES accepts
 RULES: dict[str, str] = {
     "data.support_size": ">=1", "data.query_size": ">=1", "data.adapt_prompts": ">=1", "data.eval_prompts": ">=1",
     "data.eval_pairs": ">=1", "data.max_domains": ">=1", "data.seed": ">=0",
     "policy.trainable": "lora|full", "policy.lora_r": ">=1", "policy.lora_alpha": ">0",
     "policy.max_prompt_tokens": ">=1", "policy.max_new_tokens": ">=1", "policy.temperature": ">0",
-    "policy.top_k": ">=0", "policy.top_p": "(0,1]", "policy.dtype": "float32|float64|bfloat16|float16",
+    "policy.top_k": ">=0", "policy.top_p": "(0,1]", "policy.dtype": _DTYPES,
     "policy.trainable_layers": ">=0",
-    "reward.max_length": ">=2", "reward.dtype": "float32|float64|bfloat16|float16",
+    "reward.max_length": ">=2", "reward.dtype": _DTYPES,
     "rloo.beta": ">0", "rloo.num_samples": ">=2", "rloo.batch_prompts": ">=1", "rloo.importance_clip": ">=1",
     "rloo.reward_norm": "std|none",
     "meta.init": "bt|scratch", "meta.outer_steps": ">=1", "meta.outer_lr": ">0", "meta.meta_batch_domains": ">=1",

@@ -127,3 +127,22 @@ def load_trainable(policy: Policy, path: str | Path) -> None:
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state[k].to(p))
+
+
+@torch.no_grad()
+def implicit_reward_on_samples(policy: Policy, samples, beta: float, batch_size: int = 32) -> list[float]:
+    """beta * (log pi_theta - log pi_ref) of stored policy samples (prompt, response text), re-tokenised the way
+    human responses are: the DPO policy's reward for each sample (rm_gold_agreement of dpo)."""
+    from .sampling import encode_prompts, encode_responses
+
+    cfg, tok = policy.config, policy.tokenizer
+    p_ids = encode_prompts(tok, samples.prompts, cfg.max_prompt_tokens, cfg.chat_template)
+    r_ids = encode_responses(tok, samples.prompts, samples.responses, 2 * cfg.max_new_tokens, cfg.chat_template)
+    out = []
+    for i in range(0, len(p_ids), batch_size):
+        batch = collate(p_ids[i:i + batch_size], r_ids[i:i + batch_size], tok.pad_token_id)
+        logp = policy_logprobs(policy.model, batch)
+        with policy.reference() as ref:
+            ref_logp = policy_logprobs(ref, batch)
+        out += dpo_implicit_rewards(logp.float(), ref_logp.float(), beta).cpu().tolist()
+    return out

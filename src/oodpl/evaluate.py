@@ -1,19 +1,16 @@
-"""Metrics of method.md ("Metrics") for one method on one held-out domain, from stored meta-test samples.
+"""Measurements of method.md ("Metrics") for one method on one held-out domain, with the per-unit values that the
+statistics need (report.py / stats.py: prompt-clustered bootstraps within a cell, paired across methods).
 
-    pl_accuracy            fraction of the domain's held-out human pairs (eval_pairs) ordered correctly by the method's
-                           reward model (r(y_w) > r(y_l), ties 1/2); for `dpo` by the DPO implicit reward
-                           beta * (log pi - log pi_ref); None for methods without a reward (reference, gold-reward)
-    gold_reward            mean gold-judge score of the policy's samples on the domain's eval prompts, with a 95%
-                           Student-t interval over samples ({"mean", "low", "high", "n"})
-    kl                     mean over samples of log pi(y|x) - log pi_ref(y|x) (k1 estimate of the sequence KL)
-    win_rate_vs_reference  fraction of (prompt, sample index) slots where the judge scores this method's sample above
-                           pi_ref's sample for the same prompt and index (ties 1/2)
-    win_rate_vs_erm        the same against the erm-rm policy's samples (None when erm-rm is not run)
-    rm_gold_agreement      how often the method's reward model orders two of the method's own samples of the same
-                           prompt as the gold judge does (gold ties skipped); None without a reward model
+    pl_accuracy            held-out human pairs ordered correctly by the method's reward (ties 1/2); `dpo`: its
+                           implicit reward beta * (log pi - log pi_ref). Units: one per pair, clustered by prompt.
+    rm_gold_agreement      on ONE shared set of pi_ref samples per held-out domain (shared_reference_samples): every
+                           within-prompt pair of samples whose gold scores differ, 1 if the reward orders it as the
+                           gold judge does (ties 1/2). Every RM scores the same pairs, so RMs are comparable.
+    gold_reward, kl        mean gold score / k1 KL of the method's samples on the evaluation prompts (per beta_test)
+    win_rate_vs_*          gold-judge comparisons, same prompt and sample index (common random numbers)
+    own_sample_agreement   agreement on the method's own samples (secondary: each RM is judged on different pairs)
 
-Samples of all methods for a domain are drawn with the same generator seed, so "same prompt and sample index" pairs
-samples that share their random numbers (common random numbers: fewer spurious wins).
+Also `oodpl evaluate` (evaluate_command). Nothing here imports the benchmark: it stands above this module.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ import torch
 
 from . import metrics
 from .data.records import PairRecord, PromptRecord
-from .metatest import PolicySamples
+from .metatest import PolicySamples, draw_eval_samples, eval_seed, load_policy_samples
 from .models import RewardModel
 from .rm_train import score_pairs
 
@@ -42,20 +39,57 @@ def gold_scores(judge, samples: PolicySamples, references: dict[str, str | None]
     return [float(x) for x in judge.score(samples.prompts, samples.responses, refs)]
 
 
-def rm_pl_accuracy(rm: RewardModel, pairs: list[PairRecord]) -> float | None:
+def prompt_clusters(prompts: list[str]) -> list[int]:
+    """Cluster ids for prompt-level bootstraps: the index of each prompt's first appearance."""
+    index: dict[str, int] = {}
+    return [index.setdefault(p, len(index)) for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------------- pl_accuracy
+def pl_units(chosen: torch.Tensor, rejected: torch.Tensor, pairs: list[PairRecord]) -> dict:
+    """pl_accuracy of per-pair scores, with its units (one per pair, clustered by prompt)."""
+    values = metrics.pair_correct(chosen, rejected)
+    return {"value": sum(values) / len(values) if values else None, "n": len(values),
+            "units": {"values": values, "clusters": prompt_clusters([p.prompt for p in pairs])}}
+
+
+def rm_pl(rm: RewardModel, pairs: list[PairRecord]) -> dict | None:
     if not pairs:
         return None
-    rc, rr = score_pairs(rm, pairs)
-    return metrics.pair_accuracy(rc, rr)
+    return pl_units(*score_pairs(rm, pairs), pairs)
 
 
-def dpo_pl_accuracy(policy, pairs: list[PairRecord], beta: float) -> float | None:
+def dpo_pl(policy, pairs: list[PairRecord], beta: float) -> dict | None:
     from .dpo import implicit_reward_scores
 
     if not pairs:
         return None
-    rc, rr = implicit_reward_scores(policy, pairs, beta)
-    return metrics.pair_accuracy(rc, rr)
+    return pl_units(*implicit_reward_scores(policy, pairs, beta), pairs)
+
+
+def rm_pl_accuracy(rm: RewardModel, pairs: list[PairRecord]) -> float | None:
+    out = rm_pl(rm, pairs)
+    return None if out is None else out["value"]
+
+
+# -------------------------------------------------------------------------------------------- rm_gold_agreement
+def shared_reference_samples(path: Path, policy, prompts: list[str], m: int, seed: int, judge,
+                             references: dict[str, str | None] | None) -> tuple[PolicySamples, list[float]]:
+    """The held-out domain's ONE shared set of pi_ref samples (m per evaluation prompt) with their gold scores,
+    drawn and judged once, stored at `path` and reused by every reward model and seed."""
+    from .errors import atomic_write_json
+
+    if not path.exists():
+        policy.reset_to_reference()
+        samples = draw_eval_samples(policy, prompts, m, seed)
+        atomic_write_json(path, {"what": "shared pi_ref samples for rm_gold_agreement", "m": m, "seed": seed,
+                                 "samples": samples.to_json(), "gold": gold_scores(judge, samples, references)})
+    return load_shared_reference_samples(path)
+
+
+def load_shared_reference_samples(path: Path) -> tuple[PolicySamples, list[float]]:
+    record = json.loads(Path(path).read_text())
+    return PolicySamples.from_json(record["samples"]), record["gold"]
 
 
 @torch.no_grad()
@@ -66,9 +100,19 @@ def rm_sample_scores(rm: RewardModel, samples: PolicySamples, batch_size: int = 
     return out
 
 
+def agreement(scores: list[float], gold: list[float], prompts: list[str]) -> dict:
+    """rm_gold_agreement of `scores` against `gold`, with its units (within-prompt pairs, clustered by prompt)."""
+    values, clusters = metrics.agreement_units(scores, gold, prompts)
+    index = prompt_clusters(prompts)
+    ids = dict(zip(prompts, index))
+    return {"value": sum(values) / len(values) if values else None, "n": len(values),
+            "units": {"values": values, "clusters": [ids[c] for c in clusters]}}
+
+
+# -------------------------------------------------------------------------------------------- policy samples
 def sample_metrics(samples: PolicySamples, gold: list[float], ref_gold: list[float] | None = None,
                    erm_gold: list[float] | None = None, rm_scores: list[float] | None = None) -> dict:
-    """gold_reward (mean + 95% interval), kl, win rates and rm_gold_agreement of one samples set."""
+    """gold_reward (mean + 95% interval over samples), kl, win rates and own-sample agreement of one samples set."""
     ci = metrics.mean_ci95(gold)
     out = {
         "gold_reward": ci["mean"],
@@ -76,38 +120,32 @@ def sample_metrics(samples: PolicySamples, gold: list[float], ref_gold: list[flo
         "kl": metrics.sequence_kl_estimate(samples.logp, samples.ref_logp),
         "win_rate_vs_reference": None,
         "win_rate_vs_erm": None,
-        "rm_gold_agreement": None,
+        "own_sample_agreement": None,
     }
-    if ref_gold is not None:
-        if len(ref_gold) != len(gold):
-            raise ValueError("reference samples and method samples differ in number; draw both with the same m")
-        out["win_rate_vs_reference"] = metrics.win_rate(gold, ref_gold)
-    if erm_gold is not None:
-        if len(erm_gold) != len(gold):
-            raise ValueError("erm-rm samples and method samples differ in number; draw both with the same m")
-        out["win_rate_vs_erm"] = metrics.win_rate(gold, erm_gold)
+    for key, other in (("win_rate_vs_reference", ref_gold), ("win_rate_vs_erm", erm_gold)):
+        if other is not None:
+            if len(other) != len(gold):
+                raise ValueError(f"{key}: the two sample sets differ in number; draw both with the same m")
+            out[key] = metrics.win_rate(gold, other)
     if rm_scores is not None:
-        out["rm_gold_agreement"] = metrics.rm_gold_agreement(rm_scores, gold, samples.prompts)
+        out["own_sample_agreement"] = metrics.rm_gold_agreement(rm_scores, gold, samples.prompts)
     return out
 
 
 def load_samples(path: str | Path) -> tuple[PolicySamples, dict]:
-    """A meta-test samples file: {"samples": PolicySamples, "history", "beta", ...} -> (samples, the whole record)."""
-    record = json.loads(Path(path).read_text())
-    return PolicySamples.from_json(record["samples"]), record
+    return load_policy_samples(path)
 
 
+# -------------------------------------------------------------------------------------------------- the command
 def evaluate_command(cfg, output: str | Path, reward_model: str | None = None, samples_dir: str | None = None) -> dict:
     """`oodpl evaluate`: metrics of a reward model (pl_accuracy on every held-out domain's eval pairs) and/or of an
     `oodpl meta-test` output directory (gold_reward, kl, win_rate_vs_reference against pi_ref samples drawn with the
-    same seeds, rm_gold_agreement when --reward-model is given). win_rate_vs_erm needs an erm-rm run: it is null here
-    (the benchmark computes it). Writes OUTPUT/evaluation.json."""
-    from .benchmark import eval_seed, load_rm
+    same seeds, own-sample agreement when --reward-model is given). win_rate_vs_erm needs an erm-rm run: it is null
+    here (the benchmark computes it). Writes OUTPUT/evaluation.json."""
     from .data.split import DomainSplit, build_split
-    from .errors import UserError, atomic_write_json, prepare_run_dir
-    from .judges import make_judge
-    from .metatest import draw_eval_samples
-    from .models import load_policy
+    from .errors import UserError, atomic_write_json, claim_run_dir
+    from .judges import judge_from_config
+    from .models import load_policy, load_reward_checkpoint
 
     if not reward_model and not samples_dir:
         raise UserError("oodpl evaluate needs --reward-model and/or --samples (a meta-test output directory)")
@@ -117,19 +155,19 @@ def evaluate_command(cfg, output: str | Path, reward_model: str | None = None, s
     if reward_model and not Path(reward_model).exists():
         raise UserError(f"--reward-model {reward_model} does not exist; pass a checkpoint directory")
     out = Path(output)
-    prepare_run_dir(out, "evaluate", {"config": cfg.fingerprint(), "reward_model": reward_model,
-                                      "samples": samples_dir})
-    split = (DomainSplit.load(sdir / "split.json") if sdir is not None and (sdir / "split.json").exists()
-             else build_split(cfg.data))
-    names = sorted(split.held_out)
-    rm = load_rm(Path(reward_model), cfg) if reward_model else None
-    result: dict = {"reward_model": reward_model, "samples": samples_dir, "domains": {}}
-    for d in names:
-        result["domains"][d] = {"pl_accuracy": rm_pl_accuracy(rm, split.held_out[d].eval_pairs) if rm else None}
-    if sdir is not None:
-        judge = make_judge(cfg.eval.judge, split.task, cfg.eval.llm_url, cfg.eval.llm_model)
-        policy = None
+    fingerprint = {"config": cfg.fingerprint(), "reward_model": reward_model, "samples": samples_dir}
+    with claim_run_dir(out, "evaluate", fingerprint) as claim:
+        split = (DomainSplit.load(sdir / "split.json") if sdir is not None and (sdir / "split.json").exists()
+                 else build_split(cfg.data))
+        names = sorted(split.held_out)
+        rm = load_reward_checkpoint(Path(reward_model), cfg.reward) if reward_model else None
+        judge = judge_from_config(cfg, split.task) if sdir is not None else None
+        claim.commit()
+        result: dict = {"reward_model": reward_model, "samples": samples_dir, "domains": {}}
         for d in names:
+            result["domains"][d] = {"pl_accuracy": rm_pl_accuracy(rm, split.held_out[d].eval_pairs) if rm else None}
+        policy = None
+        for d in names if sdir is not None else []:
             files = sorted((sdir / d).glob("beta-*.json")) if (sdir / d).is_dir() else []
             if not files:
                 continue
@@ -150,5 +188,5 @@ def evaluate_command(cfg, output: str | Path, reward_model: str | None = None, s
                 m = sample_metrics(samples, g, ref_gold, None, rm_sample_scores(rm, samples) if rm else None)
                 per_beta[f"{record['beta']:g}"] = m
             result["domains"][d]["meta_test"] = per_beta
-    atomic_write_json(out / "evaluation.json", result)
-    return result
+        atomic_write_json(out / "evaluation.json", result)
+        return result

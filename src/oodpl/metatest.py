@@ -3,21 +3,30 @@ policy optimisation as the inner loop of meta-training (policy_opt.policy_gradie
 
 The reward function is any callable (prompts, responses) -> scores: a reward-model checkpoint (ours, a baseline's, or
 one trained elsewhere: any Hugging Face sequence-classification model) or the gold judge (`gold-reward` baseline).
+
+method.md, "Meta-test": the policy is optimised on the domain's ADAPTATION prompts and scored on its EVALUATION prompts
+(disjoint, data/split.py); rewards are standardised by ONE scale per (reward function, domain): the standard deviation
+of the frozen reward on pi_ref samples of the adaptation prompts, computed once before optimisation (no label used).
+Also here: `oodpl meta-test` (meta_test_command) and the two file units the benchmark shares with it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, dump_config
+from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
 from .models import Policy, RewardModel
 from .policy_opt import policy_gradient
+from .runlog import seed_everything
 from .sampling import collate, encode_prompts, policy_logprobs, sample_responses
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -26,7 +35,7 @@ RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 def reward_model_fn(rm: RewardModel, batch_size: int = 64) -> RewardFn:
     @torch.no_grad()
     def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return torch.cat([rm.score(prompts[i:i + batch_size], responses[i:i + batch_size]).float().cpu()
+        return torch.cat([rm.score(prompts[i:i + batch_size], responses[i:i + batch_size])
                           for i in range(0, len(prompts), batch_size)])
 
     return score
@@ -74,9 +83,40 @@ def draw_eval_samples(policy: Policy, prompts: list[str], m: int, seed: int, bat
                          [tok.decode(r, skip_special_tokens=True) for r in rows_r], logp.tolist(), ref_logp.tolist())
 
 
+def eval_seed(seed: int, domain_index: int) -> int:
+    """Generator seed of the evaluation samples: shared by every method (common random numbers)."""
+    return 1_000_003 * seed + 7_919 * domain_index + 17
+
+
+def adapt_reference_seed(domain_index: int) -> int:
+    """Generator seed of the pi_ref samples on a domain's adaptation prompts (shared by every method and seed)."""
+    return 500_009 + 7_919 * domain_index
+
+
+def reference_reward_scale(reward_fn: RewardFn, samples: PolicySamples) -> float:
+    """s of the meta-test: the population std of the frozen reward on pi_ref samples of the adaptation prompts."""
+    r = reward_fn(samples.prompts, samples.responses).double()
+    return float(r.std(correction=0))
+
+
+def meta_test_reward_scale(cfg: Config, scale: float | None) -> float | None:
+    """The fixed divisor of the meta-test's rewards: `scale` under rloo.reward_norm=std (floored like the inner
+    step's), None (raw rewards) under reward_norm=none."""
+    from .policy_opt import SCALE_FLOOR
+
+    if cfg.rloo.reward_norm == "none":
+        return None
+    if scale is None:
+        raise ValueError("rloo.reward_norm=std needs the reward scale on pi_ref samples (reference_reward_scale)")
+    return max(float(scale), SCALE_FLOOR)
+
+
 def optimise_policy(policy: Policy, prompts: list[str], reward_fn: RewardFn, cfg: Config, beta: float, seed: int,
-                    progress: bool = False, desc: str = "meta-test", log: Callable | None = None) -> dict:
-    """S steps of on-policy KL-regularised RLOO from pi_ref; leaves the optimised policy in `policy`."""
+                    progress: bool = False, desc: str = "meta-test", log: Callable | None = None,
+                    reward_scale: float | None = None) -> dict:
+    """S steps of on-policy KL-regularised RLOO from pi_ref on `prompts` (the adaptation prompts), rewards divided by
+    `reward_scale` (see meta_test_reward_scale); leaves the optimised policy in `policy`."""
+    divisor = meta_test_reward_scale(cfg, reward_scale)
     policy.reset_to_reference()
     theta = policy.trainable_parameters()
     params = list(theta.values())
@@ -100,9 +140,10 @@ def optimise_policy(policy: Policy, prompts: list[str], reward_fn: RewardFn, cfg
         with torch.no_grad(), policy.reference() as ref:
             ref_logp = policy_logprobs(ref, batch)
         texts = [tok.decode(r, skip_special_tokens=True) for r in rows_r]
-        rewards = reward_fn([p for p in chosen for _ in range(n)], texts).to(ref_logp.dtype)
+        # rewards on the policy's device, in the log-probabilities' dtype (float32 or more, whatever the models' dtype)
+        rewards = reward_fn([p for p in chosen for _ in range(n)], texts).to(ref_logp.device, ref_logp.dtype)
         grads, stats = policy_gradient(lambda th: policy_logprobs(policy.model, batch), theta, rewards, ref_logp,
-                                       None, beta, n)
+                                       None, beta, n, reward_scale=divisor)
         for p, g in zip(params, grads.values()):
             p.grad = g
         opt.step()
@@ -110,4 +151,118 @@ def optimise_policy(policy: Policy, prompts: list[str], reward_fn: RewardFn, cfg
         bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
         if log is not None:
             log(step + 1, stats)
-    return {"history": history, "seconds": time.time() - t0}
+    return {"history": history, "seconds": time.time() - t0, "reward_scale": divisor}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# File units shared by `oodpl meta-test` and the benchmark, and the command itself
+
+
+def meta_test_to_file(path: Path, policy: Policy, adapt_prompts: list[str], eval_prompts: list[str],
+                      reward_fn: RewardFn, cfg: Config, beta: float, opt_seed: int, sample_seed: int, info: dict,
+                      reward_scale: float | None, progress: bool = False, desc: str = "meta-test",
+                      log: Callable | None = None) -> dict:
+    """optimise_policy on the adaptation prompts from pi_ref, then draw_eval_samples on the evaluation prompts; one
+    JSON record written atomically."""
+    t0 = time.time()
+    out = optimise_policy(policy, adapt_prompts, reward_fn, cfg, beta, opt_seed, progress=progress, desc=desc,
+                          log=log, reward_scale=reward_scale)
+    samples = draw_eval_samples(policy, eval_prompts, cfg.eval.samples_per_prompt, sample_seed)
+    record = {**info, "beta": beta, "m": cfg.eval.samples_per_prompt, "history": out["history"],
+              "reward_scale": out["reward_scale"], "adapt_prompts": len(adapt_prompts),
+              "samples": samples.to_json(), "seconds": time.time() - t0}
+    atomic_write_json(path, record)
+    return record
+
+
+def policy_samples_to_file(path: Path, policy: Policy, prompts: list[str], cfg: Config, sample_seed: int,
+                           info: dict, m: int | None = None) -> dict:
+    """Samples of the policy as it is (pi_ref, or a DPO policy) on `prompts`, m per prompt; written atomically."""
+    t0 = time.time()
+    m = m or cfg.eval.samples_per_prompt
+    samples = draw_eval_samples(policy, prompts, m, sample_seed)
+    record = {**info, "beta": None, "m": m, "history": [], "samples": samples.to_json(), "seconds": time.time() - t0}
+    atomic_write_json(path, record)
+    return record
+
+
+def load_policy_samples(path: str | Path) -> tuple[PolicySamples, dict]:
+    """A samples file: {"samples": PolicySamples, "history", "beta", ...} -> (samples, the whole record)."""
+    record = json.loads(Path(path).read_text())
+    return PolicySamples.from_json(record["samples"]), record
+
+
+def adapt_reference_samples(path: Path, policy: Policy, prompts: list[str], cfg: Config, domain_index: int
+                            ) -> PolicySamples:
+    """pi_ref samples (rloo.num_samples per prompt) on a domain's adaptation prompts, drawn once and stored: every
+    reward function's meta-test scale is its spread on these."""
+    if not path.exists():
+        policy.reset_to_reference()
+        policy_samples_to_file(path, policy, prompts, cfg, adapt_reference_seed(domain_index),
+                               {"what": "pi_ref samples on the adaptation prompts"}, m=cfg.rloo.num_samples)
+    return load_policy_samples(path)[0]
+
+
+def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domains: list[str] | None = None) -> dict:
+    """`oodpl meta-test`: every held-out domain (or `domains`) x every beta_test with a frozen RM checkpoint.
+
+    Under `accelerate launch` each process takes every world-th (domain, beta) unit; the main process writes the
+    shared files."""
+    from .data.split import DomainSplit, build_split
+    from .distributed import make_accelerator
+    from .models import load_policy, load_reward_checkpoint
+
+    out = Path(output)
+    rm_path = Path(reward_model)
+    if not rm_path.exists():
+        raise UserError(f"--reward-model {rm_path} does not exist; pass a Hugging Face sequence-classification "
+                        "checkpoint directory (e.g. RUN/reward_model)")
+    accelerator = make_accelerator()
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    fingerprint = {"config": cfg.fingerprint(), "reward_model": str(rm_path.resolve()), "domains": domains}
+    with claim_run_dir(out, "meta-test", fingerprint, enabled=main) as claim:
+        split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
+        names = sorted(split.held_out)
+        chosen = domains or names
+        for d in chosen:
+            if d not in split.held_out:
+                raise UserError(f"--domains: {d!r} is not a held-out domain of this split; choose from "
+                                f"{', '.join(names)}")
+        seed_everything(cfg.seed)
+        rm = load_reward_checkpoint(rm_path, cfg.reward)
+        policy = load_policy(cfg.policy, seed=cfg.seed)
+        if main:
+            atomic_write_text(out / "config.yaml", dump_config(cfg))
+            split.save(out / "split.json")
+            claim.commit()
+        accelerator.wait_for_everyone()
+        policy.model.to(accelerator.device)
+        rm.model.to(accelerator.device)
+        progress = not cfg.quiet and main
+        reward = reward_model_fn(rm)
+        units = [(d, b) for d in chosen for b in cfg.meta_test.beta_test]
+        files: dict[str, dict[str, str]] = {}
+        for d, beta in units:
+            files.setdefault(d, {})[f"{beta:g}"] = str(out / d / f"beta-{beta:g}.json")
+        bar = tqdm(units[rank::world], desc="meta-test", disable=not progress, unit="run")
+        scales: dict[str, float] = {}
+        for d, beta in bar:
+            path = out / d / f"beta-{beta:g}.json"
+            if path.exists():
+                continue
+            di = names.index(d)
+            ho = split.held_out[d]
+            adapt = [p.prompt for p in ho.adapt_prompts]
+            if d not in scales:
+                ref = adapt_reference_samples(out / d / f"adapt_reference-rank{rank}.json", policy, adapt, cfg, di)
+                scales[d] = reference_reward_scale(reward, ref)
+            meta_test_to_file(path, policy, adapt, [p.prompt for p in ho.eval_prompts], reward, cfg, beta,
+                              cfg.seed * 1000 + di, eval_seed(cfg.seed, di),
+                              {"method": "reward-model", "reward_model": str(rm_path), "domain": d, "seed": cfg.seed},
+                              scales[d], progress=progress, desc=f"meta-test {d} beta={beta:g}")
+        bar.close()
+        accelerator.wait_for_everyone()
+        index = {"reward_model": str(rm_path), "files": files}
+        if main:
+            atomic_write_json(out / "meta_test.json", index)
+        return index

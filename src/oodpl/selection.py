@@ -1,25 +1,26 @@
-"""`oodpl select`: choose meta-training hyper-parameters by leave-one-domain-out within the meta-train domains.
+"""`oodpl select`: choose each tuned method's settings by leave-one-domain-out within the meta-train domains.
 
-Held-out domains are never looked at. For every candidate setting of the grid (`select.grid`, `meta.*` keys only) and
-every fold (one meta-train domain left out), the general reward model is meta-trained on the other meta-train domains
-and scored on the left-out one, exactly as the benchmark later scores it on held-out domains, only with meta-train
-labels:
+Held-out domains are never looked at. Every method that has a learning rate gets its own grid (`select.grids`,
+method -> {dotted key: values}; `select.grid` is shorthand for meta-rm's) and the same criterion; give each the same
+number of candidates (method.md, Baselines: equal tuning budget). For every candidate and every fold (one meta-train
+domain d left out) the method is trained on the other meta-train domains exactly as the benchmark trains it, and
+scored on d with d's human query pairs:
 
-    outer_loss     F_d(phi) with lambda_bt = 0: K inner RLOO steps on d's support prompts (its pi_ref sample bank)
-                   under r_phi, then the DPO-style loss of the adapted policy on d's human query pairs (lower = better;
-                   the meta-objective of method.md on a domain the reward model has not seen)
-    pair_accuracy  how often r_phi ranks d's human pairs the human way (higher = better)
+    pair_accuracy  how often the method's reward ranks d's pairs the human way (dpo: its implicit reward)
+    outer_loss     the meta-objective on d with lambda_bt = 0: for a reward model, K inner RLOO steps on d's support
+                   prompts (its pi_ref sample bank) under r, then the DPO-style loss of the adapted policy on d's pairs
+                   (lower = better); for dpo, the DPO loss of the trained policy on d's pairs
 
-`select.criterion` picks which one decides; the other is reported. Candidates are compared at their own inner settings
-(K, alpha); the policy-side settings (rloo.*) stay fixed, so outer losses are comparable across the grid.
+`select.criterion` decides; the other is reported. Order: erm-rm first, because erm-rm-extra and meta-rm start from
+the fold's erm-rm (trained with erm-rm's chosen settings), as they start from the seed's erm-rm in the benchmark.
 
 Layout of DIR (every unit is written atomically and skipped on a rerun):
 
-    DIR/oodpl_run.json, DIR/config.yaml, DIR/split.json
-    DIR/bank/<domain>.pt                       pi_ref samples of every meta-train domain, generated once
-    DIR/candidate-I/fold-<domain>/             a meta_train run directory (reward_model/, metrics.jsonl, ...)
-    DIR/candidate-I/fold-<domain>/score.json   the left-out domain's scores
-    DIR/selection.json, DIR/selection.md       every candidate's per-fold and mean scores; the chosen overrides
+    DIR/oodpl_run.json, DIR/config.yaml, DIR/split.json, DIR/bank/<domain>.pt (pi_ref samples, generated once)
+    DIR/<method>/candidate-I/fold-<domain>/            the fold's training run (reward_model/, metrics.jsonl, ...)
+    DIR/<method>/candidate-I/fold-<domain>/score.json  the left-out domain's scores
+    DIR/init/fold-<domain>/reward_model                the fold's erm-rm (warm start of erm-rm-extra and meta-rm)
+    DIR/selection.json, DIR/selection.md               every candidate's per-fold and mean scores; the choices
 """
 
 from __future__ import annotations
@@ -37,24 +38,37 @@ import torch
 from .bilevel import DomainTask, meta_objective
 from .config import Config, dump_config, with_overrides
 from .data.split import DomainSplit, build_split
-from .errors import UserError, atomic_write_json, atomic_write_text, prepare_run_dir
+from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
 from .objectives import pair_accuracy
 
 CRITERIA = {"outer_loss": min, "pair_accuracy": max}
+TUNABLE = ["erm-rm", "erm-rm-extra", "meta-rm", "dpo"]  # in selection order
 
 
-def candidates(cfg: Config) -> list[dict]:
-    """The grid's settings in a fixed order (keys sorted, values as listed), each checked against the config."""
-    grid = cfg.select.grid
+def method_grids(cfg: Config, methods: list[str] | None = None) -> dict[str, dict[str, list]]:
+    grids = {m: dict(g) for m, g in cfg.select.grids.items()}
+    if cfg.select.grid and "meta-rm" not in grids:
+        grids["meta-rm"] = dict(cfg.select.grid)
+    for m in grids:
+        if m not in TUNABLE:
+            raise UserError(f"select.grids: {m!r} is not a tuned method; choose from {', '.join(TUNABLE)}")
+    if methods is not None:
+        grids = {m: g for m, g in grids.items() if m in methods}
+    if not grids:
+        raise UserError("select.grids is empty; give candidate values, e.g. --set 'select.grids={meta-rm: "
+                        "{meta.outer_lr: [1e-4, 3e-4]}, erm-rm: {train_rm.lr: [1e-4, 3e-4]}}'")
+    return {m: grids[m] for m in TUNABLE if m in grids}
+
+
+def candidates(cfg: Config, grid: dict[str, list] | None = None) -> list[dict]:
+    """A grid's settings in a fixed order (keys sorted, values as listed), each checked against the config."""
+    grid = cfg.select.grid if grid is None else grid
     if not grid:
         raise UserError("select.grid is empty; give candidate values, e.g. --set 'select.grid={meta.outer_lr: "
                         "[1e-4, 3e-4], meta.lambda_bt: [0.0, 0.1]}'")
     for key, values in grid.items():
-        if not key.startswith("meta."):
-            raise UserError(f"select.grid: {key!r} is not a meta-training setting; only meta.* keys are selected "
-                            "(the policy, reward model and meta-test settings are shared by every method)")
-        if key == "meta.bank_size":
-            raise UserError("select.grid: meta.bank_size cannot be selected (every candidate shares one sample bank)")
+        if key in ("meta.bank_size",) or key.split(".")[0] in ("data", "policy", "reward", "eval", "select"):
+            raise UserError(f"select.grid: {key!r} cannot be selected (it is shared by every method and run)")
         if not isinstance(values, list) or not values:
             raise UserError(f"select.grid.{key}: give a non-empty list of candidate values")
     keys = sorted(grid)
@@ -92,79 +106,164 @@ def score_fold(policy, rm, name: str, bank, query, cfg: Config, pad: int) -> dic
             "pairs": len(query)}
 
 
-def select_hyperparameters(cfg: Config, output: str | Path) -> dict:
-    from .distributed import make_accelerator
-    from .benchmark import load_rm
-    from .metatrain import build_query_sets, load_or_build_banks, meta_train
-    from .models import load_policy
+class _Selection:
+    """One selection run: shared banks and query sets, then every method x candidate x fold."""
 
-    grid = candidates(cfg)
-    out = Path(output)
-    prepare_run_dir(out, "select", cfg.fingerprint())
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
-    split.save(out / "split.json")
-    names = sorted(split.meta_train)
-    left_out = folds(cfg, names)
+    def __init__(self, cfg: Config, out: Path, split: DomainSplit):
+        from .distributed import make_accelerator
+        from .metatrain import build_query_sets, load_or_build_banks
+        from .models import load_policy
 
-    accelerator = make_accelerator()
-    progress = not cfg.quiet
-    policy = load_policy(cfg.policy, seed=cfg.seed)
-    pad = policy.tokenizer.pad_token_id
-    banks = load_or_build_banks(policy, split, cfg, out / "bank", accelerator, progress)  # once for every run
-    queries = build_query_sets(policy, split, left_out)  # log pi_ref of the scored domains' pairs, once
+        self.cfg, self.out, self.split = cfg, out, split
+        self.names = sorted(split.meta_train)
+        self.left_out = folds(cfg, self.names)
+        self.accelerator = make_accelerator()
+        self.progress = not cfg.quiet
+        self.policy = load_policy(cfg.policy, seed=cfg.seed)
+        self.policy.model.to(self.accelerator.device)
+        self.pad = self.policy.tokenizer.pad_token_id
+        self.banks = load_or_build_banks(self.policy, split, cfg, out / "bank", self.accelerator, self.progress)
+        self.queries = build_query_sets(self.policy, split, self.left_out)  # log pi_ref of the scored domains, once
+        self.best: dict[str, dict] = {}
 
-    results = []
-    for i, overrides in enumerate(grid):
-        c = with_overrides(cfg, overrides, where="select.grid")
-        per_fold = {}
-        for d in left_out:
-            run = out / f"candidate-{i}" / f"fold-{d}"
-            score_path = run / "score.json"
-            if not score_path.exists():
-                fc = copy.deepcopy(c)
-                fc.data.meta_train_domains = [n for n in names if n != d]
-                fc.data.max_domains = None
-                fc.quiet = True
-                prepare_run_dir(run, "meta-train", fc.fingerprint())  # claimed before the shared bank is copied in
+    def fold_pairs(self, d: str):
+        return [p for n in self.names if n != d for p in self.split.meta_train[n].query_pairs]
+
+    def fold_config(self, c: Config, d: str) -> Config:
+        fc = copy.deepcopy(c)
+        fc.data.meta_train_domains = [n for n in self.names if n != d]
+        fc.data.max_domains = None
+        fc.quiet = True
+        return fc
+
+    def fold_split(self, d: str) -> DomainSplit:
+        return DomainSplit(self.split.task, {n: v for n, v in self.split.meta_train.items() if n != d}, {})
+
+    def init_rm(self, d: str) -> Path:
+        """The fold's erm-rm with erm-rm's chosen settings: the warm start of erm-rm-extra and meta-rm."""
+        path = self.out / "init" / f"fold-{d}" / "reward_model"
+        if not (path / "config.json").exists():
+            self.train_bt(with_overrides(self.cfg, self.best.get("erm-rm", {}), where="select"), d, path)
+        return path
+
+    def train_bt(self, c: Config, d: str, path: Path) -> None:
+        from .models import load_reward_model
+        from .rm_train import train_reward_model
+        from .runlog import seed_everything
+
+        seed_everything(c.seed)
+        rm = load_reward_model(c.reward, seed=c.seed)
+        rm.model.to(self.accelerator.device)
+        train_reward_model(rm, self.fold_pairs(d), c.train_rm, seed=c.seed, progress=False)
+        rm.save(path)
+
+    def run_fold(self, method: str, c: Config, d: str, run: Path) -> dict:
+        """Train `method` with candidate config `c` without domain d, score it on d."""
+        from .metatrain import meta_train, refine_by_bt
+        from .models import load_reward_checkpoint
+
+        if method == "dpo":
+            return self.dpo_fold(c, d, run)
+        if method == "erm-rm":
+            self.train_bt(c, d, run / "reward_model")
+            path = run / "reward_model"
+        elif method == "erm-rm-extra":
+            path = Path(refine_by_bt(c, self.fold_split(d), self.init_rm(d), run)["reward_model"])
+        else:
+            fc = self.fold_config(c, d)
+            init = self.init_rm(d) if fc.meta.init == "bt" else None
+            with claim_run_dir(run, "meta-train", fc.fingerprint()) as claim:  # bank copied in, then meta_train
+                claim.commit()
                 (run / "bank").mkdir(parents=True, exist_ok=True)
                 for n in fc.data.meta_train_domains:  # reuse the shared bank instead of regenerating it
                     if not (run / "bank" / f"{n}.pt").exists():
-                        shutil.copyfile(out / "bank" / f"{n}.pt", run / "bank" / f"{n}.pt")
-                if progress:
-                    print(f"select: candidate {i + 1}/{len(grid)} {overrides}, left out {d}", flush=True)
-                summary = meta_train(fc, run, resume=(run / "checkpoints" / "latest").exists(),
-                                     accelerator=accelerator)
-                rm = load_rm(Path(summary["reward_model"]), cfg)
-                atomic_write_json(score_path, score_fold(policy, rm, d, banks[d], queries[d], c, pad))
-            per_fold[d] = json.loads(score_path.read_text())
-        mean = {k: float(np.mean([f[k] for f in per_fold.values()])) for k in ("outer_loss", "pair_accuracy")}
-        results.append({"candidate": i, "overrides": overrides, "folds": per_fold, "mean": mean})
+                        shutil.copyfile(self.out / "bank" / f"{n}.pt", run / "bank" / f"{n}.pt")
+            summary = meta_train(fc, run, resume=(run / "checkpoints" / "latest").exists(),
+                                 accelerator=self.accelerator, init_reward_model=init)
+            path = Path(summary["reward_model"])
+        rm = load_reward_checkpoint(path, self.cfg.reward)
+        rm.model.to(self.accelerator.device)
+        return score_fold(self.policy, rm, d, self.banks[d], self.queries[d], c, self.pad)
 
-    pick = CRITERIA[cfg.select.criterion]
-    finite = [r for r in results if math.isfinite(r["mean"][cfg.select.criterion])]
-    if not finite:
-        raise UserError("select: every candidate diverged (non-finite scores); narrow select.grid")
-    best = pick(finite, key=lambda r: r["mean"][cfg.select.criterion])
-    selection = {"criterion": cfg.select.criterion, "folds": left_out, "held_out_domains_untouched": sorted(split.held_out),
-                 "candidates": results, "best": best["overrides"],
-                 "set_flags": " ".join(f"--set {k}={v}" for k, v in best["overrides"].items())}
-    atomic_write_json(out / "selection.json", selection)
-    atomic_write_text(out / "selection.md", render_selection(selection))
-    return selection
+    def dpo_fold(self, c: Config, d: str, run: Path) -> dict:
+        from .dpo import evaluate_dpo_loss, implicit_reward_scores, save_trainable, train_dpo
+        from .runlog import seed_everything
+
+        seed_everything(c.seed)
+        self.policy.reset_to_reference()
+        train_dpo(self.policy, self.fold_pairs(d), c.rloo.beta, c.benchmark.dpo_epochs, c.benchmark.dpo_lr,
+                  c.train_rm.batch_size, seed=c.seed, progress=False)
+        save_trainable(self.policy, run / "policy_trainable.pt")
+        pairs = self.split.meta_train[d].query_pairs
+        rc, rr = implicit_reward_scores(self.policy, pairs, c.rloo.beta)
+        loss = evaluate_dpo_loss(self.policy, self.queries[d], c.rloo.beta)
+        self.policy.reset_to_reference()
+        return {"outer_loss": loss, "pair_accuracy": pair_accuracy(rc, rr), "pairs": len(pairs)}
+
+    def select(self, method: str, grid: dict[str, list]) -> dict:
+        results = []
+        for i, overrides in enumerate(candidates(self.cfg, grid)):
+            c = with_overrides(with_overrides(self.cfg, self.best.get("erm-rm", {}), where="select")
+                               if method != "erm-rm" else self.cfg, overrides, where="select.grids")
+            per_fold = {}
+            for d in self.left_out:
+                run = self.out / method / f"candidate-{i}" / f"fold-{d}"
+                score_path = run / "score.json"
+                if not score_path.exists():
+                    if self.progress:
+                        print(f"select {method}: candidate {i + 1} {overrides}, left out {d}", flush=True)
+                    atomic_write_json(score_path, self.run_fold(method, c, d, run))
+                per_fold[d] = json.loads(score_path.read_text())
+            mean = {k: float(np.mean([f[k] for f in per_fold.values()])) for k in ("outer_loss", "pair_accuracy")}
+            results.append({"candidate": i, "overrides": overrides, "folds": per_fold, "mean": mean})
+        criterion = self.cfg.select.criterion
+        finite = [r for r in results if math.isfinite(r["mean"][criterion])]
+        if not finite:
+            raise UserError(f"select {method}: every candidate diverged (non-finite scores); narrow its grid")
+        best = CRITERIA[criterion](finite, key=lambda r: r["mean"][criterion])
+        self.best[method] = best["overrides"]
+        return {"candidates": results, "best": best["overrides"],
+                "set_flags": " ".join(f"--set {k}={v}" for k, v in best["overrides"].items())}
+
+
+def select_hyperparameters(cfg: Config, output: str | Path, methods: list[str] | None = None) -> dict:
+    """Leave-one-meta-train-domain-out selection for every method with a grid (or those of `methods` that have
+    one). Writes DIR/selection.json and DIR/selection.md; returns the selection dict."""
+    grids = method_grids(cfg, methods)
+    for m, grid in grids.items():
+        candidates(cfg, grid)  # every candidate checked before anything is written
+    out = Path(output)
+    with claim_run_dir(out, "select", cfg.fingerprint()) as claim:
+        split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
+        folds(cfg, sorted(split.meta_train))
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        split.save(out / "split.json")
+        claim.commit()
+        run = _Selection(cfg, out, split)
+        chosen = {m: run.select(m, grid) for m, grid in grids.items()}
+        lodo = {m: {d: f["outer_loss"] for d, f in next(r for r in v["candidates"]
+                                                        if r["overrides"] == v["best"])["folds"].items()}
+                for m, v in chosen.items()}
+        selection = {"criterion": cfg.select.criterion, "folds": run.left_out,
+                     "held_out_domains_untouched": sorted(split.held_out), "methods": chosen,
+                     "lodo_outer_loss": lodo}
+        atomic_write_json(out / "selection.json", selection)
+        atomic_write_text(out / "selection.md", render_selection(selection))
+        return selection
 
 
 def render_selection(sel: dict) -> str:
-    keys = sorted(sel["best"])
     lines = ["# Leave-one-domain-out selection (meta-train domains only)", "",
              f"Criterion: **{sel['criterion']}** ({'lower' if sel['criterion'] == 'outer_loss' else 'higher'} is "
              f"better), mean over the left-out meta-train domains {', '.join(sel['folds'])}. Held-out domains "
-             f"({', '.join(sel['held_out_domains_untouched'])}) were not used.", "",
-             "| " + " | ".join(keys) + " | outer_loss | pair_accuracy | chosen |",
-             "|" + "---|" * (len(keys) + 3)]
-    for r in sel["candidates"]:
-        mark = "yes" if r["overrides"] == sel["best"] else ""
-        lines.append("| " + " | ".join(str(r["overrides"][k]) for k in keys)
-                     + f" | {r['mean']['outer_loss']:.4f} | {r['mean']['pair_accuracy']:.3f} | {mark} |")
-    lines += ["", f"Use it: `{sel['set_flags']}` (or `benchmark.select: true` applies it to the meta-rm methods).", ""]
+             f"({', '.join(sel['held_out_domains_untouched'])}) were not used.", ""]
+    for method, v in sel["methods"].items():
+        keys = sorted(v["best"])
+        lines += [f"## {method}", "", "| " + " | ".join(keys) + " | outer_loss | pair_accuracy | chosen |",
+                  "|" + "---|" * (len(keys) + 3)]
+        for r in v["candidates"]:
+            mark = "yes" if r["overrides"] == v["best"] else ""
+            lines.append("| " + " | ".join(str(r["overrides"][k]) for k in keys)
+                         + f" | {r['mean']['outer_loss']:.4f} | {r['mean']['pair_accuracy']:.3f} | {mark} |")
+        lines += ["", f"Use it: `{v['set_flags']}`.", ""]
     return "\n".join(lines)
