@@ -133,7 +133,7 @@ def test_bank_saves_without_trunk_and_reattaches(setup, tmp_path):
     bank.save(tmp_path / "b.pt")
     loaded = SampleBank.load(tmp_path / "b.pt")
     assert loaded.trunk is None
-    loaded.attach_trunk(policy)
+    loaded.for_policy(policy)
     pad = policy.tokenizer.pad_token_id
     a, b = loaded.select([3, 5], pad).batch, bank.select([3, 5], pad).batch
     assert torch.equal(a.trunk, b.trunk)

@@ -81,7 +81,8 @@ class PreferenceSet:
             ref_c = policy_logprobs(ref, b_c, chunk=chunk)
             ref_r = policy_logprobs(ref, b_r, chunk=chunk)
         trunks = [None if b.trunk is None else trunk_rows_of(b) for b in (b_c, b_r)]
-        return cls(list(prompts), list(chosen), list(rejected), p_ids, c_ids, r_ids, ref_c.cpu(), ref_r.cpu(),
+        # log pi_ref stays on the policy's device, where it meets the policy's log-probabilities
+        return cls(list(prompts), list(chosen), list(rejected), p_ids, c_ids, r_ids, ref_c, ref_r,
                    *trunks, policy.trunk_layer)
 
     def __len__(self) -> int:

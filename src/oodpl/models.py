@@ -35,12 +35,49 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OODPL_CACHE", Path.home() / ".cache" / "oodpl"))
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
 def _dtype(name: str) -> torch.dtype:
     try:
-        return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}[name]
+        return DTYPES[name]
     except KeyError:
-        raise UserError(f"unknown dtype {name!r}; use float32, float64, bfloat16 or float16") from None
+        raise UserError(f"unknown dtype {name!r}; use {', '.join(DTYPES)}") from None
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Rewards, log-probabilities, advantages, losses and KL are computed in float32 whatever the model's dtype
+    (bfloat16 / float16 are upcast; float64 stays float64 for the finite-difference tests)."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
+def autocast_dtype(model: nn.Module) -> torch.dtype | None:
+    """The mixed-precision compute dtype set on a model by `place` (None: run in the weights' dtype)."""
+    return getattr(model, "oodpl_autocast", None)
+
+
+def autocast(model: nn.Module, device: torch.device):
+    """torch.autocast for the model's mixed-precision setting, or a no-op context."""
+    from contextlib import nullcontext
+
+    dt = autocast_dtype(model)
+    return nullcontext() if dt is None else torch.autocast(device_type=device.type, dtype=dt)
+
+
+def place(obj, accelerator=None, device: str | torch.device | None = None):
+    """Put a Policy / RewardModel (or a bare module) on the accelerator's device, honouring its `mixed_precision`
+    (bf16 / fp16 compute under torch.autocast for float32 weights; weights in bf16 / fp16 / fp64 are left as they are).
+    Returns `obj`. Every command that runs a model calls this once after loading it."""
+    device = torch.device(device if device is not None else accelerator.device if accelerator is not None else "cpu")
+    modules = [getattr(obj, "model", obj)] + [m for m in [getattr(obj, "ref_model", None)] if m is not None]
+    mp = getattr(accelerator, "mixed_precision", "no") if accelerator is not None else "no"
+    mp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mp))
+    for m in modules:
+        m.to(device)
+        weights = next(m.parameters()).dtype
+        m.oodpl_autocast = mp_dtype if mp_dtype is not None and weights == torch.float32 else None
+    return obj
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -339,7 +376,9 @@ class RewardModel:
 
     def forward_encoded(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         dev = next(self.model.parameters()).device
-        return self.model(**{k: v.to(dev) for k, v in enc.items()}).logits.squeeze(-1)
+        with autocast(self.model, dev):
+            logits = self.model(**{k: v.to(dev) for k, v in enc.items()}).logits
+        return at_least_float32(logits.squeeze(-1))
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         return self.forward_encoded(self.encode(prompts, responses))

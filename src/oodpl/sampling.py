@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .models import at_least_float32, autocast
 from .objectives import sequence_logprobs
 from .trunk import attach as attach_trunk
 from .trunk import from_trunk
@@ -114,12 +115,14 @@ def policy_logprobs(model: nn.Module, batch: SequenceBatch, params: dict[str, to
         to_keep = torch.arange(T - keep, T, device=dev) if keep < T else 0
         kwargs = dict(input_ids=batch.input_ids[sl].to(dev), attention_mask=batch.attention_mask[sl].to(dev),
                       position_ids=batch.position_ids[sl].to(dev), use_cache=False, logits_to_keep=to_keep)
-        with _trunk_context(model, batch, sl):
+        with _trunk_context(model, batch, sl), autocast(model, dev):
             if params is None:
                 logits = model(**kwargs).logits
             else:
                 logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False).logits
-        logits = logits[:, -keep:]  # a model that ignores logits_to_keep returns all T positions
+        # a model that ignores logits_to_keep returns all T positions; the log-softmax runs in (at least) float32
+        # whatever the model's dtype: bf16 logits lose ~0.2 nats per sequence otherwise
+        logits = at_least_float32(logits[:, -keep:])
         return sequence_logprobs(logits, kwargs["input_ids"][:, -keep:], response_mask[:, -keep:].to(dev))
 
     n = len(batch)
@@ -148,11 +151,12 @@ def sample_responses(model: nn.Module, tokenizer, prompt_ids: list[list[int]], n
     for i in range(0, len(prompt_ids), per_call):
         chunk = prompt_ids[i:i + per_call]
         batch = collate(chunk, [[] for _ in chunk], pad)
-        gen = model.generate(
-            input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev), do_sample=True,
-            num_return_sequences=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, pad_token_id=pad, eos_token_id=eos,
-        )
+        with autocast(model, dev):
+            gen = model.generate(
+                input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev), do_sample=True,
+                num_return_sequences=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, pad_token_id=pad, eos_token_id=eos,
+            )
         new = gen[:, batch.input_ids.shape[1]:].tolist()
         for j in range(len(chunk)):
             responses = []
@@ -205,8 +209,10 @@ class SampleBank:
         rows_p = [p for p, rs in zip(self.prompt_ids, self.response_ids) for _ in rs]
         return rows_p, [r for rs in self.response_ids for r in rs]
 
-    def attach_trunk(self, policy, chunk: int = 32) -> "SampleBank":
-        """Compute the frozen trunk of every sample once (no-op when the policy adapts every layer)."""
+    def for_policy(self, policy, chunk: int = 32) -> "SampleBank":
+        """Ready for `policy`: log pi_ref on the policy's device, and the frozen trunk of every sample computed once
+        (when the policy adapts only its top layers)."""
+        self.ref_logp = self.ref_logp.to(next(policy.model.parameters()).device)
         if policy.trunk_layer is not None and (self.trunk is None or self.trunk_layer != policy.trunk_layer):
             self.trunk = policy.trunk_rows(collate(*self._rows(), policy.tokenizer.pad_token_id), chunk)
             self.trunk_layer = policy.trunk_layer
@@ -233,7 +239,8 @@ class SampleBank:
         import io
 
         buf = io.BytesIO()
-        torch.save({k: v for k, v in self.__dict__.items() if k not in ("trunk", "trunk_layer")}, buf)
+        state = {k: v for k, v in self.__dict__.items() if k not in ("trunk", "trunk_layer")}
+        torch.save({**state, "ref_logp": self.ref_logp.cpu()}, buf)
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
@@ -253,10 +260,10 @@ def build_bank(policy, prompts: list[str], n: int, seed: int, progress: bool = F
                                         desc=desc)
     texts = [[tok.decode(r, skip_special_tokens=True) for r in rs] for rs in response_ids]
     bank = SampleBank(prompts, prompt_ids, response_ids, texts, torch.empty(0), n, {"seed": seed})
-    bank.attach_trunk(policy, chunk=batch_size)  # the trunk (if any) also serves log pi_ref: the layers below run once
+    bank.for_policy(policy, chunk=batch_size)  # the trunk (if any) also serves log pi_ref: the layers below run once
     batch = collate(*bank._rows(), tok.pad_token_id)
     attach_trunk(batch, bank.trunk, bank.trunk_layer)
     with torch.no_grad(), policy.reference() as ref:
         ref_logp = policy_logprobs(ref, batch, chunk=batch_size)
-    bank.ref_logp = ref_logp.reshape(len(prompts), n).cpu()
+    bank.ref_logp = ref_logp.reshape(len(prompts), n)  # on the policy's device (saved on CPU)
     return bank
