@@ -19,7 +19,25 @@ from .errors import EXIT_USER_ERROR, UserError, describe_failure
 NOT_YET = 3  # exit status of a subcommand that is not implemented yet
 
 
+def _common() -> argparse.ArgumentParser:
+    """--quiet and --debug, accepted after the subcommand as well as before it (SUPPRESS: the top-level value
+    stands unless the flag is given here)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars (batch jobs)")
+    return common
+
+
+CONFIG_EPILOG = ("config sections (`oodpl config show [SECTION]` lists every key with its default and meaning; "
+                 "set them in the --config YAML or with --set SECTION.KEY=VALUE):\n")
+
+
 def _config_args(p: argparse.ArgumentParser, output: bool = True) -> None:
+    from .confdoc import section_docs
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = CONFIG_EPILOG + section_docs()
     p.add_argument("--config", "-c", help="YAML config file (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set meta.inner_steps=3 (repeatable)")
@@ -46,9 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars (batch jobs)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common()
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # every subcommand takes --quiet / --debug
 
     data = sub.add_parser("data", help="fetch, validate and describe preference data")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    _dadd = dsub.add_parser
+    dsub.add_parser = lambda *a, **k: _dadd(*a, parents=[common], **k)
     v = dsub.add_parser("validate", help="check a pairs or prompts file (JSONL, CSV, Parquet, datasets dir)")
     v.add_argument("path")
     v.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS", help="column mapping")
@@ -73,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(mt)
     mt.add_argument("--reward-model", required=True, help="a Hugging Face sequence-classification checkpoint")
     mt.add_argument("--domains", nargs="*", help="held-out domains (default: all of the split)")
+
+    g = sub.add_parser("generate", help="sample responses from an aligned policy (adapter or model dir) or the base")
+    _config_args(g, output=False)
+    g.add_argument("--policy", help="a policy directory written by meta-test / benchmark (policies/<domain>/beta_*), "
+                                    "any PEFT adapter or model directory, or a model name (default: policy.name_or_path)")
+    g.add_argument("--prompts", required=True, help="prompts file (JSONL, CSV, Parquet, datasets dir; any shape)")
+    g.add_argument("--output", "-o", required=True, help="output JSONL file")
+    g.add_argument("--domain", help="domain name for a prompts file without a domain column")
+    g.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS")
+    g.add_argument("--num-samples", type=int, default=1, help="responses per prompt")
+    g.add_argument("--max-new-tokens", type=int, help="default: the policy's recorded setting")
+    g.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+
+    cs = sub.add_parser("config", help="show every config key with its default and meaning")
+    csub = cs.add_subparsers(dest="config_command", metavar="ACTION")
+    show = csub.add_parser("show", help="list the keys (of one SECTION) with defaults and one line of meaning",
+                           parents=[common])
+    show.add_argument("section", nargs="?", help="data, policy, reward, rloo, meta, meta_test, train_rm, eval, "
+                                                "benchmark, select, tracking")
 
     e = sub.add_parser("evaluate", help="metrics of a reward model and/or meta-test samples on held-out domains")
     _config_args(e)
@@ -146,7 +188,7 @@ def _check_reward_model(path: str | None) -> None:
 
 
 def _cmd_meta_test(args) -> int:
-    from .benchmark import meta_test_command
+    from .metatest import meta_test_command
 
     _check_reward_model(args.reward_model)
 
@@ -162,6 +204,25 @@ def _cmd_evaluate(args) -> int:
 
     result = evaluate_command(_load_cfg(args), args.output, args.reward_model, args.samples)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .generate import generate_command
+
+    res = generate_command(_load_cfg(args), args.policy, args.prompts, args.output, num_samples=args.num_samples,
+                           columns=_parse_columns(args.column), domain=args.domain,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed, quiet=args.quiet)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from .confdoc import render
+
+    if args.config_command != "show":
+        raise UserError("oodpl config: choose an action: show [SECTION]")
+    print(render(args.section))
     return 0
 
 
@@ -199,6 +260,8 @@ HANDLERS = {
     "train-rm": _cmd_train_rm,
     "meta-train": _cmd_meta_train,
     "meta-test": _cmd_meta_test,
+    "generate": _cmd_generate,
+    "config": _cmd_config,
     "evaluate": _cmd_evaluate,
     "benchmark": _cmd_benchmark,
     "select": _cmd_select,

@@ -185,7 +185,7 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
     start = load_checkpoint(run_dir, rm, optimizer, accelerator) if resume else 0
     claim.commit()  # start-up done: from here on a failure keeps the run's files for --resume
     logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start if resume else None,
-                           config=cfg.to_dict())
+                           config=cfg.to_dict(), tracking=cfg.tracking, stage="meta-train")
     pad = policy.tokenizer.pad_token_id
     mode = resolved_hypergrad(cfg.meta)
     bar = tqdm(total=cfg.meta.outer_steps, initial=start, desc=f"meta-train ({mode}, K={cfg.meta.inner_steps})",

@@ -55,10 +55,24 @@ class MetricsLogger:
     On resume, lines past the checkpoint's step are dropped, so the log reads as one uninterrupted run."""
 
     def __init__(self, directory: Path, report_to: list[str], enabled: bool = True, resume_step: int | None = None,
-                 run_name: str = "oodpl", config: dict | None = None):
+                 run_name: str = "oodpl", config: dict | None = None, tracking=None, stage: str | None = None,
+                 prefix: str = ""):
+        """`tracking` (config.TrackingConfig) sets the wandb project, the run name and the tensorboard root;
+        `stage` names the run when tracking.run_name is unset (`<stage>-<directory name>`); `prefix` is put before
+        every tensorboard / wandb metric name (e.g. "meta-test/<domain>/beta_0.1/") and recorded as "stage" in each
+        metrics.jsonl line."""
         self.enabled = enabled
-        self.path = directory / "metrics.jsonl"
+        self.path = Path(directory) / "metrics.jsonl"
         self.tb = self.wandb = None
+        self.prefix = prefix
+        project = getattr(tracking, "project", None) or "oodpl"
+        if getattr(tracking, "run_name", None):
+            run_name = tracking.run_name
+        elif stage:
+            run_name = f"{stage}-{Path(directory).resolve().name}"
+        log_dir = getattr(tracking, "log_dir", None)
+        tb_dir = Path(log_dir) / run_name if log_dir else Path(directory) / "tensorboard"
+        self.run_name, self.tb_dir = run_name, tb_dir
         if not enabled:
             return
         unknown = set(report_to) - {"tensorboard", "wandb", "none"}
@@ -71,29 +85,46 @@ class MetricsLogger:
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step)
+            self.tb = SummaryWriter(str(tb_dir), purge_step=resume_step)
         if "wandb" in report_to:
             try:
                 import wandb
             except ImportError:
                 raise UserError("report_to includes wandb but wandb is not installed; `pip install wandb`") from None
-            self.wandb = wandb.init(project="oodpl", name=run_name, config=config, resume="allow")
+            self.wandb = wandb.init(project=project, name=run_name, config=config, resume="allow")
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **values}
+        row = {"step": step, **({"stage": self.prefix.rstrip("/")} if self.prefix else {}), **values}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in values.items():
             if isinstance(v, (int, float)) and v is not None:
                 if self.tb is not None:
-                    self.tb.add_scalar(k, v, step)
+                    self.tb.add_scalar(self.prefix + k, v, step)
         if self.wandb is not None:
-            self.wandb.log(values, step=step)
+            self.wandb.log({self.prefix + k: v for k, v in values.items()}, step=step)
+
+    def child(self, prefix: str) -> "MetricsLogger":
+        """A logger writing to the same file and trackers under `prefix` (one per domain x beta_test, per RM...)."""
+        other = object.__new__(MetricsLogger)
+        other.__dict__.update(self.__dict__)
+        other.prefix = self.prefix + prefix.rstrip("/") + "/"
+        return other
+
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def progress_disabled(progress: bool) -> bool | None:
+    """tqdm's `disable`: True when progress is off; None (= off unless stderr is a terminal) otherwise, so that bars
+    do not flood log files of batch jobs."""
+    return True if not progress else None

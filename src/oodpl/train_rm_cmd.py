@@ -38,7 +38,8 @@ def train_rm_command(cfg: Config, output: str | Path, pairs_path: str | None = N
         train, held = split_eval(pairs, cfg.train_rm.eval_fraction, cfg.seed)
         rm = load_reward_model(cfg.reward, seed=cfg.seed)
         before = accuracy_by_domain(rm, held) if held else {}
-        logger = MetricsLogger(run_dir, cfg.report_to, enabled=main)
+        logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, config=cfg.to_dict(), tracking=cfg.tracking,
+                               stage="train-rm")
         stats = train_reward_model(rm, train, cfg.train_rm, seed=cfg.seed, accelerator=accelerator,
                                    progress=not cfg.quiet, log=logger.log)
         logger.close()

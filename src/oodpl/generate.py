@@ -1,0 +1,68 @@
+"""`oodpl generate`: sample responses from an aligned policy (an adapter or model directory) or from the base policy.
+
+    oodpl generate --policy run/policies/my_domain/beta_0.1 --prompts prompts.jsonl --output samples.jsonl
+
+Prompts are read like every prompts file (any accepted shape; a file without a domain column is one domain).
+Each output line is {"domain", "prompt", "response", "sample"}; the file is written once, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError, atomic_write_text
+
+
+def generate_command(cfg, policy: str | None, prompts_path: str, output: str, num_samples: int = 1,
+                     columns: dict[str, str] | None = None, domain: str | None = None,
+                     max_new_tokens: int | None = None, seed: int | None = None, quiet: bool = False) -> dict:
+    """Sample `num_samples` responses per prompt; returns {"output", "prompts", "responses", "policy"}."""
+    from .data.records import read_prompts
+    from .models import _dtype, load_policy
+    from .sampling import encode_prompts, sample_responses
+
+    if num_samples < 1:
+        raise UserError(f"--num-samples {num_samples}: must be >= 1")
+    out_path = Path(output)
+    if out_path.is_dir():
+        raise UserError(f"--output {output} is a directory; pass a file name such as samples.jsonl")
+    records = read_prompts(prompts_path, columns or cfg.data.columns, cfg.data.encoding, domain or cfg.data.domain)
+    pcfg = cfg.policy
+    if policy and Path(policy).expanduser().is_dir() and (
+            (Path(policy).expanduser() / "adapter_config.json").is_file()
+            or (Path(policy).expanduser() / "config.json").is_file()):
+        from .export import load_saved_policy
+
+        model, tok, meta = load_saved_policy(policy, _dtype(pcfg.dtype))
+        chat = bool(meta.get("chat_template", pcfg.chat_template))
+        max_prompt = int(meta.get("max_prompt_tokens", pcfg.max_prompt_tokens))
+        new_tokens = max_new_tokens or int(meta.get("max_new_tokens", pcfg.max_new_tokens))
+        label = str(policy)
+    else:  # the base policy: policy.name_or_path, or --policy naming a model (alias, hub id, path)
+        import dataclasses
+
+        if policy:
+            pcfg = dataclasses.replace(pcfg, name_or_path=policy)
+        loaded = load_policy(pcfg, seed=cfg.seed)
+        model, tok = loaded.model, loaded.tokenizer
+        chat, max_prompt = pcfg.chat_template, pcfg.max_prompt_tokens
+        new_tokens = max_new_tokens or pcfg.max_new_tokens
+        label = pcfg.name_or_path
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    prompt_ids = encode_prompts(tok, [r.prompt for r in records], max_prompt, chat)
+    with torch.no_grad():
+        samples = sample_responses(model, tok, prompt_ids, num_samples, new_tokens, pcfg.temperature, pcfg.top_k,
+                                   pcfg.top_p, generator_seed=cfg.seed if seed is None else seed,
+                                   progress=not quiet, desc="generate")
+    lines = []
+    for rec, responses in zip(records, samples):
+        for k, ids in enumerate(responses):
+            text = tok.decode(ids, skip_special_tokens=True)
+            lines.append(json.dumps({"domain": rec.domain, "prompt": rec.prompt, "response": text, "sample": k},
+                                    ensure_ascii=False))
+    atomic_write_text(out_path, "\n".join(lines) + "\n")
+    return {"output": str(out_path), "prompts": len(records), "responses": len(lines), "policy": label}

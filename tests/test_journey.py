@@ -1,0 +1,131 @@
+"""The user's journey on tiny models: the aligned policy saved as a PEFT adapter (loadable with peft alone, same
+log-probabilities as in memory), merged, and sampled with `oodpl generate`; see docs/usage.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_models
+from oodpl.sampling import collate, encode_prompts, encode_responses, policy_logprobs
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def _perturbed_policy(dtype="float32", trainable="lora"):
+    policy, _ = tiny_models(dtype, trainable=trainable)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.trainable_parameters().values():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return policy
+
+
+def _batch(tok):
+    prompts = ["the film was", "my order came early and"]
+    responses = ["truly wonderful", "well packed, thanks"]
+    return collate(encode_prompts(tok, prompts, 16), encode_responses(tok, prompts, responses, 8), tok.pad_token_id)
+
+
+def test_saved_adapter_loads_with_peft_alone_and_matches(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from oodpl.export import POLICY_META, save_policy
+
+    policy = _perturbed_policy()
+    out = save_policy(policy, tmp_path / "policy", merge=True, metadata={"domain": "d", "beta_test": 0.1})
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_absolute() and (Path(base) / "config.json").is_file()  # tiny base: saved, path recorded
+    assert json.loads((out / POLICY_META).read_text())["beta_test"] == 0.1
+    batch = _batch(policy.tokenizer)
+    with torch.no_grad():
+        want = policy.logprobs(batch)
+        loaded = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+        got = policy_logprobs(loaded, batch)
+        merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
+        got_merged = policy_logprobs(merged, batch)
+        with policy.reference() as ref:
+            ref_lp = policy_logprobs(ref, batch)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_merged, want, rtol=1e-5, atol=1e-5)
+    assert (want - ref_lp).abs().max() > 1e-3  # the adapter is not the reference
+    # transformers generation from the peft-loaded adapter
+    tok = AutoTokenizer.from_pretrained(str(out))
+    gen = loaded.generate(**tok(["the film was"], return_tensors="pt"), do_sample=True, max_new_tokens=4,
+                          pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] > 3
+
+
+def test_full_finetuned_policy_saved_as_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from oodpl.export import save_policy
+
+    policy = _perturbed_policy(trainable="full")
+    out = save_policy(policy, tmp_path / "full")
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    batch = _batch(policy.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(policy_logprobs(AutoModelForCausalLM.from_pretrained(str(out)).eval(), batch),
+                                   policy.logprobs(batch), rtol=0, atol=1e-6)
+
+
+def test_generate_from_saved_policy_and_base(tmp_path):
+    from oodpl.config import load_config
+    from oodpl.export import save_policy
+    from oodpl.generate import generate_command
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+    policy = _perturbed_policy()
+    save_policy(policy, tmp_path / "policy")
+    res = generate_command(cfg, str(tmp_path / "policy"), str(FIX / "hh_rlhf_sample.jsonl"),
+                           str(tmp_path / "s.jsonl"), num_samples=2, domain="helpful", quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert res["responses"] == len(rows) == 8 and {r["domain"] for r in rows} == {"helpful"}
+    assert all(isinstance(r["response"], str) for r in rows)
+    base = generate_command(cfg, None, str(FIX / "prompts.jsonl"), str(tmp_path / "b.jsonl"), quiet=True)
+    assert base["policy"] == "tiny-random" and base["responses"] == 4
+
+
+def test_tracking_config_names_project_run_and_log_dir(tmp_path):
+    from oodpl.config import TrackingConfig
+    from oodpl.runlog import MetricsLogger
+
+    tracking = TrackingConfig(project="p", run_name="my-run", log_dir=str(tmp_path / "tb"))
+    logger = MetricsLogger(tmp_path / "run", ["tensorboard"], tracking=tracking, stage="meta-test")
+    (tmp_path / "run").mkdir(exist_ok=True)
+    child = logger.child("meta-test/d1/beta_0.1")
+    child.log(1, {"reward": 0.5, "kl": 0.01})
+    logger.close()
+    assert logger.run_name == "my-run" and list((tmp_path / "tb" / "my-run").glob("events.out.tfevents*"))
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row == {"step": 1, "stage": "meta-test/d1/beta_0.1", "reward": 0.5, "kl": 0.01}
+    default = MetricsLogger(tmp_path / "run2", ["none"], stage="dpo")
+    assert default.run_name == "dpo-run2" and default.tb_dir == tmp_path / "run2" / "tensorboard"
+
+
+def test_cli_frictions(tmp_path, capsys):
+    from oodpl.cli import build_parser, main
+    from oodpl.confdoc import settings_table
+    from oodpl.errors import UserError
+    from oodpl.judges import make_judge
+
+    # --quiet / --debug after the subcommand
+    assert main(["data", "validate", str(FIX / "hh_rlhf_sample.jsonl"), "--quiet"]) == 0
+    assert main(["config", "show", "tracking", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "tracking.project" in out and "oodpl" in out
+    # every key has a default and one line of meaning; an unknown section is one line, exit 2
+    assert all(meaning for _, _, meaning in settings_table())
+    assert main(["config", "show", "nope"]) == 2
+    # --help lists the config sections
+    sub = build_parser()._subparsers._group_actions[0].choices["meta-test"]
+    assert "oodpl config show" in sub.format_help() and "meta_test:" in sub.format_help()
+    # the llm judge's error names settings that exist
+    with pytest.raises(UserError, match=r"eval\.llm_url.*eval\.llm_model"):
+        make_judge("llm", None)
