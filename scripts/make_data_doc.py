@@ -41,6 +41,19 @@ prompts of the pairs (without references). Accepted inputs:
 - a Hugging Face hub dataset id `owner/name` or `owner/name:split` (machines that reach the hub only; offline this
   fails within seconds and says so).
 
+Shapes (TRL's preference formats), with or without a `domain` column (without one the file is one domain, named by
+`data.domain`, else after the file):
+
+- *standard*: `prompt`, `chosen`, `rejected` strings;
+- *implicit prompt* (e.g. Anthropic/hh-rlhf): `chosen` and `rejected` full texts, no prompt column; their shared
+  beginning is the prompt, cut as `trl.data_utils.extract_prompt` cuts it (mapping `prompt` onto `chosen` is refused);
+- *conversational* (e.g. UltraFeedback-binarized): lists of `{"role", "content"}` messages; single-turn prompts;
+  use `policy.chat_template: true` and `reward.input_format: chat` with such data;
+- SHP rows (`history`, `human_ref_A`, `human_ref_B`, `labels`), read like `stanfordnlp/SHP`.
+
+A held-out domain may have prompts only (no pairs): the meta-test needs no labels, label-based metrics are skipped.
+Hub datasets take `data.hub_config`, `data.hub_data_dir` and `data.hub_split`.
+
 Column names default to the field names; map others with `data.columns` (our field -> your column), for example
 `columns: {prompt: question, chosen: answer_good, rejected: answer_bad, domain: topic}`. Every error names the file and
 the line (text formats) or the 0-based row (Parquet, datasets): malformed JSON, missing columns (with the columns that

@@ -129,3 +129,77 @@ def test_cli_frictions(tmp_path, capsys):
     # the llm judge's error names settings that exist
     with pytest.raises(UserError, match=r"eval\.llm_url.*eval\.llm_model"):
         make_judge("llm", None)
+
+
+def _usage_commands() -> list[str]:
+    """The `oodpl ...` lines of the bash blocks of docs/usage.md, in order."""
+    text = (Path(__file__).parents[1] / "docs" / "usage.md").read_text()
+    blocks = text.split("```bash")[1:]
+    return [line.strip() for b in blocks for line in b.split("```")[0].splitlines()
+            if line.strip().startswith("oodpl ")]
+
+
+def test_usage_md_journey(tmp_path, monkeypatch):
+    """docs/usage.md, command by command, on tiny models: TRL-format pairs -> meta-train -> align on an unlabeled
+    (prompts-only, hh-rlhf-shaped) domain -> generate with the saved adapter -> evaluate."""
+    import shlex
+
+    import yaml
+
+    from oodpl.cli import main
+
+    root = Path(__file__).parents[1]
+    rows = [{"domain": d, "prompt": f"{d} says {i}", "chosen": f"lovely kind words {i}", "rejected": f"awful {i}"}
+            for d in ("alpha", "beta", "travel") for i in range(12)]
+    (tmp_path / "my_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "my_prompts.jsonl").write_text((FIX / "hh_rlhf_sample.jsonl").read_text())
+    cfg = yaml.safe_load((root / "configs" / "tiny.yaml").read_text())
+    cfg["data"] = {"task": "file", "path": "my_pairs.jsonl", "held_out_domains": ["travel"], "support_size": 4,
+                   "query_size": 4, "adapt_prompts": 2, "eval_prompts": 2, "eval_pairs": 4}
+    cfg["meta"].update({"query_batch": 4})
+    cfg["meta_test"]["beta_test"] = [0.1]
+    cfg["eval"] = {"judge": "vader", "samples_per_prompt": 2}
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    commands = _usage_commands()
+    assert [c.split()[1] for c in commands] == ["data", "data", "meta-train", "meta-test", "generate", "evaluate"]
+    for command in commands:
+        assert main(["--quiet", *shlex.split(command)[1:]]) == 0, command
+    adapter = tmp_path / "runs" / "align" / "policies" / "support" / "beta_0.1"
+    assert (adapter / "adapter_config.json").is_file()
+    index = json.loads((tmp_path / "runs" / "align" / "meta_test.json").read_text())
+    assert any("prompts only" in n for n in index["notes"])
+    samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {s["domain"] for s in samples} == {"support"}
+    metrics = [json.loads(x) for x in (tmp_path / "runs" / "align" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["stage"] == "support/beta_0.1"
+    assert json.loads((adapter.parent.parent / "base_model" / "config.json").read_text())  # tiny base saved once
+
+
+def test_prompt_only_held_out_domain_in_the_split_and_bad_prompts_file(tmp_path):
+    from oodpl.cli import main
+    from oodpl.config import DataConfig
+    from oodpl.data.records import PairRecord, PromptRecord
+    from oodpl.data.split import held_out_from_prompts, split_records
+
+    pairs = [PairRecord(d, f"{d} q{i}", f"good {i}", f"bad {i}") for d in ("a", "b") for i in range(6)]
+    prompts = [PromptRecord(d, f"{d} q{i}") for d in ("a", "b") for i in range(6)]
+    prompts += [PromptRecord("target", f"new question {i}") for i in range(5)]
+    cfg = DataConfig(task="file", held_out_domains=["target"], support_size=2, query_size=2, adapt_prompts=3,
+                     eval_prompts=2)
+    split = split_records("file", pairs, prompts, cfg)
+    ho = split.held_out["target"]
+    assert len(ho.adapt_prompts) == 3 and len(ho.eval_prompts) == 2 and ho.eval_pairs == [] == ho.oracle_pairs
+    assert not {p.prompt for p in ho.adapt_prompts} & {p.prompt for p in ho.eval_prompts}
+    own = held_out_from_prompts([PromptRecord("mine", f"p{i}") for i in range(7)], cfg).held_out["mine"]
+    assert (len(own.eval_prompts), len(own.adapt_prompts)) == (2, 5)
+    # a bad --prompts file: one line, exit 2, and the output directory is not claimed
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": {"oops": 1}}) + "\n")
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
+                                                             "num_labels": 1}))
+    out = tmp_path / "out"
+    assert main(["meta-test", "--reward-model", str(tmp_path / "rm"), "--prompts", str(bad), "-o", str(out),
+                 "--set", "policy.name_or_path=tiny-random", "--set", "reward.name_or_path=tiny-random"]) == 2
+    assert not out.exists()

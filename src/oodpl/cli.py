@@ -95,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     mt = sub.add_parser("meta-test", help="optimise the policy on held-out domains with a frozen reward model")
     _config_args(mt)
     mt.add_argument("--reward-model", required=True, help="a Hugging Face sequence-classification checkpoint")
-    mt.add_argument("--domains", nargs="*", help="held-out domains (default: all of the split)")
+    mt.add_argument("--domains", nargs="*", help="held-out domains (default: all of the split / of --prompts)")
+    mt.add_argument("--prompts", help="align on the domains of this prompts file (prompts only, no labels; JSONL, "
+                                      "CSV, Parquet, datasets dir, any accepted shape) instead of the config's split")
+    mt.add_argument("--domain", help="domain name for a --prompts file without a domain column (default: file name)")
+    mt.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS", help="column mapping")
+    mt.add_argument("--merge", action="store_true",
+                    help="also write each aligned policy as a merged full model (policies/<domain>/beta_*/merged)")
 
     g = sub.add_parser("generate", help="sample responses from an aligned policy (adapter or model dir) or the base")
     _config_args(g, output=False)
@@ -192,7 +198,9 @@ def _cmd_meta_test(args) -> int:
 
     _check_reward_model(args.reward_model)
 
-    index = meta_test_command(_load_cfg(args), args.reward_model, args.output, args.domains or None)
+    index = meta_test_command(_load_cfg(args), args.reward_model, args.output, args.domains or None,
+                              prompts=args.prompts, domain=args.domain, columns=_parse_columns(args.column),
+                              merge=args.merge)
     print(json.dumps(index, indent=2))
     return 0
 

@@ -203,14 +203,31 @@ def adapt_reference_samples(path: Path, policy: Policy, prompts: list[str], cfg:
     return load_policy_samples(path)[0]
 
 
-def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domains: list[str] | None = None) -> dict:
-    """`oodpl meta-test`: every held-out domain (or `domains`) x every beta_test with a frozen RM checkpoint.
+def save_aligned_policy(policy: Policy, out: Path, domain: str, beta: float, merge: bool = False,
+                        info: dict | None = None) -> Path:
+    """The policy as it is now (after optimise_policy) as a PEFT adapter directory
+    `<out>/policies/<domain>/beta_<beta>` (export.save_policy; a base model that must be saved goes once to
+    `<out>/policies/base_model`); `merge` also writes its merged/ full model."""
+    from .export import save_policy
 
-    Under `accelerate launch` each process takes every world-th (domain, beta) unit; the main process writes the
-    shared files."""
-    from .data.split import DomainSplit, build_split
+    target = out / "policies" / domain / f"beta_{beta:g}"
+    return save_policy(policy, target, base_dir=out / "policies" / "base_model", merge=merge,
+                       metadata={"domain": domain, "beta_test": beta, **(info or {})})
+
+
+def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domains: list[str] | None = None,
+                      prompts: str | None = None, domain: str | None = None, columns: dict[str, str] | None = None,
+                      merge: bool = False) -> dict:
+    """`oodpl meta-test`: every held-out domain (or `domains`) x every beta_test with a frozen RM checkpoint; each
+    aligned policy is saved as a PEFT adapter (`<output>/policies/<domain>/beta_<beta>`, `merge`: plus a merged model).
+
+    `prompts`: a prompts file (any accepted shape) whose domains are the targets instead of the config's split: prompts
+    only, no labels needed (`domain` names a file without a domain column). Under `accelerate launch` each process
+    takes every world-th (domain, beta) unit; the main process writes the shared files."""
+    from .data.split import DomainSplit, build_split, held_out_from_prompts
     from .distributed import make_accelerator
     from .models import load_policy, load_reward_checkpoint
+    from .runlog import MetricsLogger, progress_disabled
 
     out = Path(output)
     rm_path = Path(reward_model)
@@ -220,8 +237,19 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
     accelerator = make_accelerator()
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     fingerprint = {"config": cfg.fingerprint(), "reward_model": str(rm_path.resolve()), "domains": domains}
+    if prompts is not None:
+        fingerprint.update({"prompts": str(Path(prompts).resolve()) if Path(prompts).exists() else prompts,
+                            "domain": domain})
+        from .data.records import read_prompts
+
+        # read before the output directory is claimed: a bad file leaves nothing behind
+        target = held_out_from_prompts(read_prompts(prompts, columns or cfg.data.columns, cfg.data.encoding,
+                                                    domain or cfg.data.domain), cfg.data)
     with claim_run_dir(out, "meta-test", fingerprint, enabled=main) as claim:
-        split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
+        if prompts is not None:
+            split = target
+        else:
+            split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
         names = sorted(split.held_out)
         chosen = domains or names
         for d in chosen:
@@ -239,12 +267,16 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
         policy.model.to(accelerator.device)
         rm.model.to(accelerator.device)
         progress = not cfg.quiet and main
+        logger = MetricsLogger(out, cfg.report_to, enabled=main, config=cfg.to_dict(), tracking=cfg.tracking,
+                               stage="meta-test")
         reward = reward_model_fn(rm)
         units = [(d, b) for d in chosen for b in cfg.meta_test.beta_test]
         files: dict[str, dict[str, str]] = {}
+        policies: dict[str, dict[str, str]] = {}
         for d, beta in units:
             files.setdefault(d, {})[f"{beta:g}"] = str(out / d / f"beta-{beta:g}.json")
-        bar = tqdm(units[rank::world], desc="meta-test", disable=not progress, unit="run")
+            policies.setdefault(d, {})[f"{beta:g}"] = str(out / "policies" / d / f"beta_{beta:g}")
+        bar = tqdm(units[rank::world], desc="meta-test", disable=progress_disabled(progress), unit="run")
         scales: dict[str, float] = {}
         for d, beta in bar:
             path = out / d / f"beta-{beta:g}.json"
@@ -259,10 +291,18 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
             meta_test_to_file(path, policy, adapt, [p.prompt for p in ho.eval_prompts], reward, cfg, beta,
                               cfg.seed * 1000 + di, eval_seed(cfg.seed, di),
                               {"method": "reward-model", "reward_model": str(rm_path), "domain": d, "seed": cfg.seed},
-                              scales[d], progress=progress, desc=f"meta-test {d} beta={beta:g}")
+                              scales[d], progress=progress, desc=f"meta-test {d} beta={beta:g}",
+                              log=logger.child(f"{d}/beta_{beta:g}").log)
+            save_aligned_policy(policy, out, d, beta, merge=merge,
+                                info={"reward_model": str(rm_path.resolve()), "method": "meta-test"})
         bar.close()
+        logger.close()
         accelerator.wait_for_everyone()
-        index = {"reward_model": str(rm_path), "files": files}
+        index = {"reward_model": str(rm_path), "files": files, "policies": policies}
+        unlabeled = sorted(d for d in chosen if not split.held_out[d].eval_pairs)
+        if unlabeled:
+            index["notes"] = [f"{d}: prompts only (no pairs): label-based metrics (pl_accuracy, oracle-rm) are "
+                              "skipped for it" for d in unlabeled]
         if main:
             atomic_write_json(out / "meta_test.json", index)
         return index

@@ -288,9 +288,12 @@ def split_records(task: str, pairs: list[PairRecord], prompts: list[PromptRecord
             raise UserError(f"data.{name} must be >= 1, got {size}")
     for name in meta + held:
         n_pairs, n_prompts = len(pairs_by.get(name, [])), len(prompts_by.get(name, []))
+        if name in held and n_prompts > 0:
+            continue  # a held-out domain needs prompts only (labels feed the label-based metrics when present)
         if n_pairs == 0 or n_prompts == 0:
             raise UserError(
-                f"data: domain {name} has {n_pairs} pairs and {n_prompts} prompts; every used domain needs both "
+                f"data: {'held-out' if name in held else 'meta-train'} domain {name} has {n_pairs} pairs and "
+                f"{n_prompts} prompts; a meta-train domain needs both and a held-out domain needs prompts "
                 "(check the domain column of the prompts file, or leave the domain out)"
             )
 
@@ -302,17 +305,19 @@ def split_records(task: str, pairs: list[PairRecord], prompts: list[PromptRecord
                            (len(dp), len(dx)))
         split.meta_train[name] = MetaTrainDomain(name=name, support_prompts=out["support"], query_pairs=out["query"])
     for name in sorted(held):
-        dp, dx = pairs_by[name], prompts_by[name]
-        out = _deal(name, cfg.seed, dp, dx,
-                    {"adapt_prompts": cfg.adapt_prompts, "eval_prompts": cfg.eval_prompts,
-                     "eval_pairs": cfg.eval_pairs, "oracle": None},
-                    {"oracle": cfg.eval_pairs})
+        dp, dx = pairs_by.get(name, []), prompts_by[name]
+        targets: dict[str, int | None] = {"adapt_prompts": cfg.adapt_prompts, "eval_prompts": cfg.eval_prompts}
+        if dp:  # prompt-only (unlabeled) held-out domains have no pair roles
+            targets.update({"eval_pairs": cfg.eval_pairs, "oracle": None})
+        out = _deal(name, cfg.seed, dp, dx, targets, {"oracle": cfg.eval_pairs})
+        out.setdefault("eval_pairs", [])
+        out.setdefault("oracle", [])
         good = {_key(p.chosen) for p in out["eval_pairs"]}
         good |= {_key(x.reference) for x in out["eval_prompts"] if x.reference}
         oracle = [p for p in out["oracle"] if _key(p.chosen) not in good]
-        counts = {"adapt_prompts": len(out["adapt_prompts"]), "eval_prompts": len(out["eval_prompts"]),
-                  "eval_pairs": len(out["eval_pairs"]),
-                  "oracle": len(oracle)}
+        counts = {"adapt_prompts": len(out["adapt_prompts"]), "eval_prompts": len(out["eval_prompts"])}
+        if dp:
+            counts.update({"eval_pairs": len(out["eval_pairs"]), "oracle": len(oracle)})
         _check_role_counts(name, "held-out", counts, (len(dp), len(dx)))
         split.held_out[name] = HeldOutDomain(name=name, adapt_prompts=out["adapt_prompts"],
                                              eval_prompts=out["eval_prompts"],
@@ -362,3 +367,22 @@ def domain_stats(pairs: list[PairRecord], prompts: list[PromptRecord]) -> dict[s
         row["margin_mean"] = round(statistics.fmean(margins), 2) if margins else None
         out[d] = row
     return out
+
+
+def held_out_from_prompts(prompts: list[PromptRecord], cfg: DataConfig) -> DomainSplit:
+    """Prompt-only target domains (`oodpl meta-test --prompts`): per domain, a seeded shuffle of its distinct prompts
+    gives `eval_prompts` evaluation prompts (at most half of them) and the rest as adaptation prompts (all of them:
+    the user's domain); no pairs, so label-based metrics are skipped for these domains. A single prompt serves both."""
+    by: dict[str, dict[str, PromptRecord]] = {}
+    for x in prompts:
+        by.setdefault(x.domain, {}).setdefault(_key(x.prompt), x)
+    split = DomainSplit(task="prompts", meta_train={}, held_out={})
+    for name in sorted(by):
+        items = list(by[name].values())
+        random.Random(f"{cfg.seed}:{name}").shuffle(items)
+        n_eval = min(cfg.eval_prompts, len(items) // 2)
+        evals, adapt = (items[:n_eval], items[n_eval:]) if n_eval else (items, items)
+        split.held_out[name] = HeldOutDomain(name=name, adapt_prompts=adapt, eval_prompts=evals)
+    if not split.held_out:
+        raise UserError("the prompts file holds no prompts")
+    return split
