@@ -190,3 +190,24 @@ def test_saved_rm_records_input_format_and_card(tmp_path):
 
     with pytest.raises(UserError, match="reward.input_format"):
         load_config(None, ["reward.input_format=text"])
+
+
+def test_hub_loader_passes_config_data_dir_and_split(monkeypatch):
+    import datasets
+
+    from oodpl.data import records
+
+    seen = {}
+
+    def fake_load(repo, **kw):
+        seen.update(repo=repo, **kw)
+        return datasets.Dataset.from_list([{"chosen": "Q: hi A: hello", "rejected": "Q: hi A: go"}])
+
+    monkeypatch.setattr(records, "hub_available", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    pairs = read_pairs("Anthropic/hh-rlhf", hub={"name": None, "data_dir": "harmless-base", "split": "test"})
+    assert seen == {"repo": "Anthropic/hh-rlhf", "split": "test", "data_dir": "harmless-base"}
+    assert pairs[0].prompt == "Q: hi A:" and pairs[0].domain == "hh-rlhf"
+    seen.clear()
+    read_pairs("owner/name:validation", hub={"name": "cfg", "split": "train"})
+    assert seen == {"repo": "owner/name", "split": "validation", "name": "cfg"}
