@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-ORDER = ["train_rm", "policy_step", "meta_step", "sampling", "logprobs", "memory"]
+ORDER = ["train_rm", "policy_step", "meta_step", "trunk", "sampling", "attention", "logprobs", "memory"]
 
 
 def fmt(x, nd=2):
@@ -74,6 +74,25 @@ def section(name: str, d: dict) -> list[str]:
         L += [f"- {d['new_tokens']} new tokens per sequence (EOS suppressed), prompt tokens {d['prompt_tokens']}",
               "- new tokens/s: " + ", ".join(f"{k.replace('_', ' ')} **{fmt(v, 1)}**"
                                              for k, v in d["tokens_per_second"].items())]
+        if "ratio_ours_over_generate" in d:
+            L.append("- **ours / plain `generate`** (target >= 1.0): " + ", ".join(
+                f"{k.replace('_', ' ')} **{fmt(v)}**" for k, v in d["ratio_ours_over_generate"].items()))
+    elif name == "trunk":
+        o = d["one_off_s"]
+        L += [f"- meta step (K = 1, meta-batch {d['meta_batch_domains']} x {d['batch_prompts']} prompts x "
+              f"{d['samples_per_prompt']} samples, {d['query_batch']} query pairs) with adapters on the top "
+              f"{d['layers']} of {d['depth']} layers, trunk cached",
+              f"- **full depth / trunk-cached = {fmt(d['ratio_full_over_trunk'])}** (target {d['target']}); "
+              f"trunk-cached / (BT + RLOO) = **{fmt(d['ratio_trunk_over_baseline'])}**; full depth / (BT + RLOO) = "
+              f"{fmt(d['ratio_full_over_baseline'])}",
+              f"- one-off costs: bank generation {fmt(o['bank_generation'], 1)} s, trunk of the bank "
+              f"{fmt(o['bank_trunk'], 1)} s, query sets with trunk {fmt(o['query_sets_with_trunk'], 1)} s"]
+    elif name == "attention":
+        L += [f"- one first-order pass (log-probs forward + backward to LoRA), {d['rows']} rows x {d['tokens']} tokens",
+              f"- math kernel / fused SDPA = **{fmt(d['ratio_math_over_default'])}x** time; gradient checkpointing = "
+              f"**{fmt(d['ratio_checkpointing_over_default'])}x** time, **{fmt(d['saved_ratio_checkpointing'])}x** "
+              "saved activations",
+              "- saved activations (MB): " + ", ".join(f"{k} {fmt(v, 1)}" for k, v in d["saved_activation_mb"].items())]
     elif name == "logprobs":
         L += [f"- {d['rows']} rows, T = {d['seq_len']}; max |legacy - current| = {d['max_abs_diff']:.2e}", "",
               "| pass | legacy median s | current median s | speed-up |", "|---|---|---|---|"]

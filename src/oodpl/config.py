@@ -67,6 +67,9 @@ class PolicyConfig:
     # adapters on the top L decoder layers only (null / 0: every layer); the frozen layers below are computed once per
     # fixed sequence and cached (oodpl.trunk)
     trainable_layers: int | None = None
+    # recompute each decoder layer in the backward pass of first-order passes (transformers' gradient checkpointing,
+    # use_reentrant=False): less activation memory, one more forward; second-order passes (JVP, unrolled) never do
+    gradient_checkpointing: bool = False
 
 
 @dataclass

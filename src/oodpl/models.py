@@ -317,6 +317,17 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
         ref_model = copy.deepcopy(model).eval()
         for p in model.parameters():
             p.requires_grad_(True)
+    if cfg.gradient_checkpointing:  # active only inside sampling.policy_logprobs' first-order passes
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        from .sampling import checkpoint_contexts
+
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                          "context_fn": checkpoint_contexts})
+        # transformers also hooks the embeddings to make their output require grad (for reentrant checkpointing
+        # of adapters); non-reentrant checkpointing does not need it, and torch.func.jvp refuses it
+        if hasattr(base, "disable_input_require_grads"):
+            base.disable_input_require_grads()
+        model.oodpl_checkpointing = True
     model.eval()  # no dropout: the inner problem is deterministic given its samples
     return Policy(model=model, tokenizer=tokenizer, config=cfg, ref_model=ref_model, trunk_layer=trunk_layer)
 

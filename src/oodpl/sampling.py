@@ -6,7 +6,7 @@ response. Position ids come from the attention mask, so a sequence scores the sa
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,12 +83,64 @@ def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: 
     return SequenceBatch(input_ids, attention, response)
 
 
+_second_order_depth = [0]
+
+
+@contextmanager
 def second_order():
-    """Context for passes that are differentiated twice: PyTorch's fused CPU/GPU attention kernels have no double
-    backward, the math kernel does (same values)."""
+    """Context for passes that are differentiated twice or in forward mode (torch.func.jvp): none of PyTorch's fused
+    attention kernels (flash on CPU and CUDA, memory-efficient, cuDNN) has a forward-mode formula or a double
+    backward, the math kernel has both (same values). Every other pass keeps the fused kernels (SDPA's default
+    choice). Gradient checkpointing is off inside (it would recompute under forward-mode AD / create_graph)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.MATH])
+    _second_order_depth[0] += 1
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        _second_order_depth[0] -= 1
+
+
+_functional_params: list[tuple[nn.Module, dict]] = []  # (model, params) of the functional_call in progress
+
+
+def checkpoint_contexts():
+    """`context_fn` of torch.utils.checkpoint for the policy's decoder layers. The recomputation runs in the backward
+    pass, after torch.func.functional_call has put the module's own tensors back: re-apply the same parameter dict
+    there, or the recomputed activations (and the gradients) would be those of the module's parameters."""
+    if not _functional_params:
+        return nullcontext(), nullcontext()
+    model, params = _functional_params[-1]
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    return nullcontext(), _reparametrize_module(model, params, strict=False)
+
+
+@contextmanager
+def _checkpointing(model: nn.Module, params: dict | None = None):
+    """Gradient checkpointing (policy.gradient_checkpointing) for a first-order pass that records a graph.
+
+    transformers checkpoints a decoder layer only while that layer is in training mode; the policy stays in eval mode
+    (no dropout), so the layers alone are flagged as training for the duration of the pass: their submodules (dropout,
+    attention) stay in eval mode, and the values are exactly those of the eval-mode forward."""
+    layers = []
+    if getattr(model, "oodpl_checkpointing", False) and torch.is_grad_enabled() and not _second_order_depth[0]:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules()
+                  if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m.training]
+    for m in layers:
+        m.training = True
+    if layers and params is not None:
+        _functional_params.append((model, params))
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False
+        if layers and params is not None:
+            _functional_params.pop()
 
 
 def _trunk_context(model: nn.Module, batch: SequenceBatch, sl: slice):
@@ -115,7 +167,7 @@ def policy_logprobs(model: nn.Module, batch: SequenceBatch, params: dict[str, to
         to_keep = torch.arange(T - keep, T, device=dev) if keep < T else 0
         kwargs = dict(input_ids=batch.input_ids[sl].to(dev), attention_mask=batch.attention_mask[sl].to(dev),
                       position_ids=batch.position_ids[sl].to(dev), use_cache=False, logits_to_keep=to_keep)
-        with _trunk_context(model, batch, sl), autocast(model, dev):
+        with _trunk_context(model, batch, sl), autocast(model, dev), _checkpointing(model, params):
             if params is None:
                 logits = model(**kwargs).logits
             else:
