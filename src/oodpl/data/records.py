@@ -391,9 +391,8 @@ def _completion_from_messages(where: str, col: str, messages: list) -> str:
 
 
 def _pair_texts(where: str, row: dict, m: dict[str, str]) -> tuple[str, str, str, str]:
-    """(prompt, chosen, rejected, shape) of one row in any accepted shape."""
-    from trl.data_utils import extract_prompt, maybe_extract_prompt
-
+    """(prompt, chosen, rejected, shape) of one row in any accepted shape. TRL is imported only for the shapes that
+    need its prompt extraction: standard rows (prompt, chosen, rejected) read without it (GPU stack without trl)."""
     chosen, rejected = row.get(m["chosen"]), row.get(m["rejected"])
     prompt = row.get(m["prompt"]) if "prompt" in m else None
     if is_messages(chosen) or is_messages(rejected):
@@ -403,6 +402,8 @@ def _pair_texts(where: str, row: dict, m: dict[str, str]) -> tuple[str, str, str
         example = {"chosen": chosen, "rejected": rejected}
         if prompt is not None:
             example["prompt"] = prompt
+        from trl.data_utils import maybe_extract_prompt
+
         example = maybe_extract_prompt(example)  # TRL: a string prompt beside conversations is re-extracted
         if not example["prompt"]:
             raise UserError(f"{where}: chosen and rejected conversations share no prompt turn and there is no "
@@ -421,6 +422,8 @@ def _pair_texts(where: str, row: dict, m: dict[str, str]) -> tuple[str, str, str
     rejected = _text(where, row, "rejected", m["rejected"])
     if "prompt" in m:
         return _text(where, row, "prompt", m["prompt"]), chosen, rejected, "standard"
+    from trl.data_utils import extract_prompt
+
     example = extract_prompt({"chosen": chosen, "rejected": rejected})
     if not example["prompt"].strip() or not example["chosen"].strip() or not example["rejected"].strip():
         raise UserError(f"{where}: no prompt column, and chosen and rejected do not start with a shared prompt followed "
