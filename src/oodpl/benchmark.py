@@ -217,6 +217,15 @@ class Benchmark:
         select_hyperparameters(seed_config(self.cfg, self.seeds[0]), self.dir / "select",
                                methods=[m for m in self.methods if m in TUNED])
 
+    def selection_summary(self) -> dict:
+        """results.json "selection": per tuned method its criterion, folds, choice and one row per candidate (its
+        settings and the mean scores over the left-out meta-train domains; per-fold scores stay in select/)."""
+        sel = self.load_selection()
+        return {m: {"criterion": sel["criterion"], "folds": sel["folds"], "best": v["best"],
+                    "set_flags": v["set_flags"],
+                    "candidates": [{**c["overrides"], **c["mean"]} for c in v["candidates"]]}
+                for m, v in sel.get("methods", {}).items()}
+
     def load_selection(self) -> dict:
         path = self.dir / "select" / "selection.json"
         if not (self.cfg.benchmark.select and path.exists()):
@@ -434,7 +443,7 @@ class Benchmark:
             "samples_table": self.samples_table(domains),
             "diagnostics": self.diagnostics(domains),
             "meta_curves": self.meta_curves(),
-            "selection": self.load_selection().get("methods", {}),
+            "selection": self.selection_summary(),
             "timings": self.timings(units, wall),
             "provenance": provenance(wall),
         }
