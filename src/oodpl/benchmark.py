@@ -141,6 +141,11 @@ class Benchmark:
         name = "policy.json" if beta is None else f"beta-{_fmt_beta(beta)}.json"
         return self.sdir(seed) / "samples" / method / domain / name
 
+    def meta_tested(self, seed: int) -> bool:
+        """Whether this seed runs the meta-test and the generation metrics (benchmark.meta_test_seeds)."""
+        k = self.cfg.benchmark.meta_test_seeds
+        return k is None or self.seeds.index(seed) < k
+
     def sample_betas(self, method: str) -> list[float | None]:
         return self.betas if method in OPTIMISED else [None]
 
@@ -198,7 +203,7 @@ class Benchmark:
             if "dpo" in self.methods:
                 units.append((s, "train/dpo", lambda s=s, pol=pol: self.train_dpo(s, pol)))
             sample_methods = list(dict.fromkeys(["reference"] + (["erm-rm"] if "erm-rm" in self.methods else [])
-                                                + self.methods))
+                                                + self.methods)) if self.meta_tested(s) else []
             for m in sample_methods:
                 for di, d in enumerate(domains):
                     for b in self.sample_betas(m):
@@ -332,13 +337,18 @@ class Benchmark:
         cfg = self.config(s, method)
         ho = self.split.held_out[d]
         b0 = self.sample_betas(method)[0]
-        ref_gold = self.gold(self.samples_path(s, "reference", d, None), d)
-        erm_gold = (self.gold(self.samples_path(s, "erm-rm", d, self.betas[0]), d)
-                    if "erm-rm" in self.methods else None)
         rm_path = self.rm_dir(s, method, d)
         shared, shared_gold = load_shared_reference_samples(self.dir / "shared" / d / "agreement.json")
-        frontier, main, units = [], None, {}
-        for b in self.sample_betas(method):
+        frontier, units = [], {}
+        main = dict.fromkeys(("gold_reward", "kl", "win_rate_vs_reference", "win_rate_vs_erm",
+                              "own_sample_agreement"))
+        n_samples = n_prompts = 0
+        tested = self.meta_tested(s)
+        if tested:
+            ref_gold = self.gold(self.samples_path(s, "reference", d, None), d)
+            erm_gold = (self.gold(self.samples_path(s, "erm-rm", d, self.betas[0]), d)
+                        if "erm-rm" in self.methods else None)
+        for b in self.sample_betas(method) if tested else []:
             path = self.samples_path(s, method, d, b)
             samples, record = load_samples(path)
             g = self.gold(path, d)
@@ -350,9 +360,10 @@ class Benchmark:
                 main = m
                 units["gold_reward"] = {"values": g, "clusters": prompt_clusters(samples.prompts)}
                 n_samples, n_prompts = len(g), len(set(samples.prompts))
-        pl = agr = None
+        pl = agr = spread = None
         if rm_path is not None:
             rm = self.rm(rm_path)
+            spread = self.reward_scale(method, s, d, reward_model_fn(rm))  # diagnostics: s on pi_ref samples
             pl = rm_pl(rm, ho.eval_pairs)
             agr = agreement(rm_sample_scores(rm, shared), shared_gold, shared.prompts)
         elif method == "dpo":
@@ -372,7 +383,7 @@ class Benchmark:
              "eval_prompts": n_prompts, "samples": n_samples}
         atomic_write_json(self.sdir(s) / "eval" / method / f"{d}.json",
                           {"seed": s, "domain": d, "method": method, "beta": b0, "metrics": metrics, "n": n,
-                           "units": units, "frontier": frontier})
+                           "units": units, "frontier": frontier, "reward_spread_ref": spread})
 
     # --------------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
@@ -479,13 +490,10 @@ class Benchmark:
                                                                "outer_loss", "inner_reward_std")}
                 spread = {}
                 for d in domains:
-                    spread[d] = {"before": self._scale_cache.get((f"{s}/erm-rm", d)),
-                                 "after": self._scale_cache.get((f"{s}/{m}", d))}
-                    for who, key in (("erm-rm", "before"), (m, "after")):
-                        if spread[d][key] is None and who in self.methods:
-                            rec = self.samples_path(s, who, d, self.betas[0])
-                            if rec.exists():
-                                spread[d][key] = load_samples(rec)[1].get("reward_scale")
+                    cell = {w: json.loads((self.sdir(s) / "eval" / w / f"{d}.json").read_text())
+                            for w in ("erm-rm", m) if w in self.methods}
+                    spread[d] = {"before": cell.get("erm-rm", {}).get("reward_spread_ref"),
+                                 "after": cell[m].get("reward_spread_ref")}
                 entry["reward_spread_ref"] = spread
                 out.setdefault(f"seed-{s}", {})[m] = entry
         sel = self.load_selection()
