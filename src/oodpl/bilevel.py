@@ -155,13 +155,14 @@ def inner_loop(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], me
 
 @torch.no_grad()
 def adapted_kl(policy: Policy, samples: Samples, theta: dict[str, torch.Tensor]) -> float:
-    """KL(pi_theta || pi_ref) AFTER an inner step, estimated on the step's samples drawn from the behaviour policy
-    (pi_ref for the bank) by self-normalised importance weights: sum_j w_j log(pi_theta/pi_ref)(y_j) / sum_j w_j."""
+    """KL(pi_theta || pi_ref) AFTER an inner step, estimated on the step's bank samples (drawn from pi_ref) as
+    mean_j f(w_j), f(w) = w log w - w + 1, w = pi_theta / pi_ref: unbiased (E_ref[w] = 1) and never negative. When
+    the step moves the policy off the bank's support (w -> 0) the estimate saturates near 1 nat: a sign that
+    meta.inner_lr is too large, not a measurement of the true KL."""
     logp = policy.logprobs(samples.batch, params={k: v.detach() for k, v in theta.items()})
-    behaviour = samples.behaviour_logp.to(logp.device) if samples.behaviour_logp is not None else logp
-    log_w = (logp - behaviour).double()
-    w = torch.softmax(log_w, dim=0)
-    return float((w * (logp - samples.ref_logp.to(logp.device)).double()).sum())
+    log_w = (logp - samples.ref_logp.to(logp.device)).double()
+    w = torch.exp(log_w)
+    return float((w * log_w - w + 1).mean())
 
 
 def step_length(theta_a: dict[str, torch.Tensor], theta_b: dict[str, torch.Tensor]) -> float:
@@ -264,10 +265,11 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
     `scale` divides each domain's contribution (default: the number of domains here; the distributed trainer passes
     the global meta-batch size so that summing over processes gives the mean). The two terms are computed apart so
     that their sizes can be compared (stats `hypergrad_term_norm`, `bt_term_norm` = ||lambda_bt grad BT|| and their
-    ratio `grad_ratio`); pass a dict as `parts` to receive the hypergradient term itself under "hyper" (the trainer
-    all-reduces it to log the ratio of the global sums). `backward`: None writes into .grad directly; a callable
-    receives the summed surrogate of the meta-batch in one call (DeepSpeed ZeRO reduces gradients once per backward
-    and its backward also takes the optimiser step); the logged norms are then this process's share."""
+    ratio `grad_ratio`); pass a dict as `parts` to receive the two terms themselves under "hyper" and "bt" (= lambda_bt
+    grad BT; the trainer all-reduces them to log the norms and ratio of the global sums). `backward`: None writes into
+    .grad directly; a callable receives the summed surrogate of the meta-batch in one call (DeepSpeed ZeRO reduces
+    gradients once per backward and its backward also takes the optimiser step); the returned norms are this
+    process's share."""
     scale = float(scale or len(tasks))
     params = [p for p in getattr(rm, "model", rm).parameters() if p.requires_grad]  # RewardModel or a bare module
     hyper = [torch.zeros_like(p) for p in params]
@@ -310,6 +312,7 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
     out.update(gradient_term_norms(hyper, [meta.lambda_bt * b for b in bt_grad]))
     if parts is not None:
         parts["hyper"] = hyper
+        parts["bt"] = [meta.lambda_bt * b for b in bt_grad]
     return out
 
 
