@@ -139,6 +139,19 @@ def test_embedding_pooling_follows_the_encoders_config(tmp_path, pooling):
     assert judge.score(["q"] * 3, texts, list(reversed(texts)))[1] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_embedding_encodes_each_reference_once(tmp_path, monkeypatch):
+    judge = EmbeddingJudge(_tiny_encoder(tmp_path / "enc"))
+    answers, refs = ["one answer", "another answer", "a third"], ["ref a", "ref b", "ref a"]
+    fresh = judge.score(["q"] * 3, answers, refs)
+    embedded = []
+    real_embed = judge.embed
+    monkeypatch.setattr(judge, "embed", lambda texts: embedded.append(list(texts)) or real_embed(texts))
+    assert judge.score(["q"] * 3, answers, refs) == pytest.approx(fresh, abs=1e-6)
+    swapped = [answers[1], answers[0]]
+    assert judge.score(["q"] * 2, swapped, ["ref c", "ref a"])[1] == pytest.approx(fresh[0], abs=1e-6)
+    assert embedded == [[], answers, ["ref c"], swapped]  # references: only the new one
+
+
 def test_embedding_refuses_unsupported_pooling(tmp_path):
     with pytest.raises(UserError, match="CLS or mean"):
         EmbeddingJudge(_tiny_encoder(tmp_path / "enc", pooling="max_tokens")).embed(["x"])

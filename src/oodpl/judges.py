@@ -100,6 +100,7 @@ _MPNET_FILES = (
     "vocab.txt", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
     "1_Pooling/config.json", "README.md",  # README.md: the model card with its licence
 )
+_MAX_CACHED_REFERENCES = 100_000  # reference embeddings a judge keeps (the eval prompts' references are far fewer)
 _encoder_lock = threading.Lock()
 _encoders: dict[str, tuple[object, object, str, int]] = {}  # resolved dir -> (tokenizer, model, pooling, max length)
 
@@ -351,6 +352,7 @@ class EmbeddingJudge:
                 "reward.name_or_path"
             )
         self.batch_size = int(batch_size)
+        self._references: dict[str, object] = {}  # reference text -> its embedding: references are constants
 
     @property
     def pooling(self) -> str:
@@ -361,10 +363,11 @@ class EmbeddingJudge:
         import torch
 
         tok, model, pooling, max_length = _load_encoder(self.model_dir)
+        order = sorted(range(len(texts)), key=lambda k: -len(texts[k]))  # batches of similar lengths: less padding
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                batch = tok(list(texts[i : i + self.batch_size]), padding=True, truncation=True,
+                batch = tok([texts[k] for k in order[i : i + self.batch_size]], padding=True, truncation=True,
                             max_length=max_length, return_tensors="pt")
                 hidden = model(**batch).last_hidden_state  # (B, T, H)
                 if pooling == "cls":
@@ -375,7 +378,8 @@ class EmbeddingJudge:
                 out.append(torch.nn.functional.normalize(pooled.float(), p=2, dim=1))
         if not out:
             return torch.zeros(0, model.config.hidden_size)
-        return torch.cat(out)
+        emb = torch.cat(out)
+        return emb[torch.tensor(order).argsort()]  # back to the order of `texts`
 
     def score(
         self, prompts: list[str], responses: list[str], references: list[str | None] | None = None
@@ -388,9 +392,14 @@ class EmbeddingJudge:
             )
         if not responses:
             return []
-        emb = self.embed(list(responses) + list(references))
-        n = len(responses)
-        return [float(x) for x in (emb[:n] * emb[n:]).sum(1).tolist()]
+        import torch
+
+        new = list(dict.fromkeys(r for r in references if r not in self._references))
+        if len(self._references) + len(new) > _MAX_CACHED_REFERENCES:
+            self._references.clear()
+        self._references.update(zip(new, self.embed(new)))
+        refs = torch.stack([self._references[r] for r in references])
+        return [float(x) for x in (self.embed(list(responses)) * refs).sum(1).tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------------- LLM
