@@ -159,3 +159,95 @@ def test_non_finite_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
         mt.meta_train(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "reward_model" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "reward_model").exists()
+
+
+def _cfg(tmp_path, *extra):
+    from oodpl.config import load_config
+
+    args = tiny_args(tmp_path, steps=3, every=10) + ["--set", "data.query_size=8", "--set", "meta.query_batch=3",
+                                                     "--set", "meta.meta_batch_domains=1", *extra]
+    cfg = load_config(None, [a for a in args if a != "--set"])
+    cfg.quiet = True
+    cfg.report_to = ["none"]
+    return cfg
+
+
+def _bt_rm(cfg, split, path, mark: bool = False):
+    """The seed's erm-rm: BT on the pooled meta-train pairs, as the benchmark trains it. `mark`: nudge its head, so
+    that it differs from the BT RM meta_train would train itself with the same seed."""
+    from oodpl.models import load_reward_model
+    from oodpl.rm_train import train_reward_model
+
+    rm = load_reward_model(cfg.reward, seed=cfg.seed)
+    train_reward_model(rm, split.pooled_pairs(), cfg.train_rm, seed=cfg.seed, progress=False)
+    if mark:
+        with torch.no_grad():
+            rm.model.classifier.weight.add_(0.5)
+    rm.save(path)
+    return load_file(str(path / "model.safetensors"))
+
+
+def _spy(monkeypatch, module, name, record):
+    real = getattr(module, name)
+
+    def wrapped(*a, **k):
+        out = real(*a, **k)
+        record(out, *a, **k)
+        return out
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_erm_rm_extra_draws_meta_trainings_minibatches(tmp_path, monkeypatch):
+    """The control differs from meta-training by the hypergradient alone: the same steps, domains, query minibatches
+    (and inner batches, from bank_sizes) of the same seed; it moves the erm-rm and ends elsewhere than meta-rm."""
+    import oodpl.metatrain as mt
+    from oodpl.data.split import build_split
+
+    cfg = _cfg(tmp_path)
+    split = build_split(cfg.data)
+    erm = _bt_rm(cfg, split, tmp_path / "erm")
+    draws: dict[str, list] = {"meta": [], "extra": []}
+    who = {"now": "meta"}
+    _spy(monkeypatch, mt, "draw_tasks", lambda out, step, c, *a: draws[who["now"]].append((c.seed, step, out)))
+    mt.meta_train(cfg, tmp_path / "meta", init_reward_model=tmp_path / "erm")
+    who["now"] = "extra"
+    mt.refine_by_bt(cfg, split, tmp_path / "erm", tmp_path / "extra")
+    assert [s for _, s, _ in draws["meta"]] == [1, 2, 3]
+    assert draws["extra"] == draws["meta"]
+    queries = [q for _, _, out in draws["meta"] for _, _, q in out]
+    assert len({tuple(q) for q in queries}) > 1 and all(len(q) == 3 for q in queries)  # really minibatches
+    rows = [json.loads(l) for l in (tmp_path / "extra" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    extra, meta = weights(tmp_path / "extra"), weights(tmp_path / "meta")
+    assert any(not torch.equal(erm[k], extra[k]) for k in erm)  # refined by BT
+    assert any(not torch.allclose(meta[k], extra[k], atol=1e-6) for k in meta if k != "classifier.bias")
+    # an interrupted-free rerun returns the finished summary without retraining
+    stamp = (tmp_path / "extra" / "reward_model" / "model.safetensors").stat().st_mtime_ns
+    mt.refine_by_bt(cfg, split, tmp_path / "erm", tmp_path / "extra")
+    assert (tmp_path / "extra" / "reward_model" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("init", ["bt", "scratch"])
+def test_meta_init_sets_the_starting_reward_model(tmp_path, monkeypatch, init):
+    """meta.init=bt: phi_0 is the given erm-rm (step-0 weights equal it); scratch: a fresh head, not the erm-rm."""
+    import oodpl.metatrain as mt
+    from oodpl.data.split import build_split
+    from oodpl.models import load_reward_model
+
+    cfg = _cfg(tmp_path, "--set", f"meta.init={init}", "--set", "meta.outer_steps=1")
+    split = build_split(cfg.data)
+    erm = _bt_rm(cfg, split, tmp_path / "erm", mark=True)
+    start = {}
+    _spy(monkeypatch, mt, "initial_reward_model",
+         lambda rm, *a, **k: start.update({n: t.detach().clone() for n, t in rm.model.state_dict().items()}))
+    mt.meta_train(cfg, tmp_path / "run", init_reward_model=tmp_path / "erm")
+    assert start and start.keys() == erm.keys()
+    fresh = load_reward_model(cfg.reward, seed=cfg.seed).model.state_dict()
+    if init == "bt":
+        assert all(torch.equal(start[k], erm[k]) for k in erm)
+    else:
+        assert any(not torch.equal(start[k], erm[k]) for k in erm)
+        assert all(torch.equal(start[k], fresh[k]) for k in fresh)
+    final = weights(tmp_path / "run")
+    assert any(not torch.equal(final[k], start[k]) for k in final)  # and meta-training moved it

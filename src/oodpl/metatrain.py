@@ -109,12 +109,15 @@ def initial_reward_model(cfg: Config, split: DomainSplit, run_dir: Path, init_re
         return load_reward_model(cfg.reward, seed=cfg.seed)
     path = Path(init_reward_model) if init_reward_model else run_dir / "init_reward_model"
     if init_reward_model is None and not (path / "config.json").exists():
-        if accelerator.is_main_process:
-            from .rm_train import train_reward_model
+        from .rm_train import train_reward_model
 
-            seed_everything(cfg.seed)
-            rm = load_reward_model(cfg.reward, seed=cfg.seed)
-            train_reward_model(rm, split.pooled_pairs(), cfg.train_rm, seed=cfg.seed, progress=False)
+        # every process takes part: train_reward_model is data-parallel, and its collectives would hang a call from
+        # the main process alone under DDP / DeepSpeed. Its own Accelerator: accelerate ties one DeepSpeed engine
+        # to an Accelerator, and the run's is meta-training's. The main process saves the result.
+        seed_everything(cfg.seed)
+        rm = load_reward_model(cfg.reward, seed=cfg.seed)
+        train_reward_model(rm, split.pooled_pairs(), cfg.train_rm, seed=cfg.seed, progress=False)
+        if accelerator.is_main_process:
             rm.save(path)
         accelerator.wait_for_everyone()
     if not (path / "config.json").exists():
@@ -203,8 +206,21 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
         parts: dict[str, list[torch.Tensor]] = {}
         if sharded:  # DeepSpeed's backward reduce-scatters the gradients (a mean over processes), clips and steps
             stats = meta_gradient(policy, rm, tasks, cfg.meta, cfg.rloo, scale=len(drawn) / world,
-                                  timings=step_times, backward=accelerator.backward)
+                                  timings=step_times, backward=accelerator.backward, parts=parts)
             grad_norm = float(accelerator.deepspeed_engine_wrapped.get_global_grad_norm() or 0.0)
+            # the two terms over the whole meta-batch, as without DeepSpeed: ZeRO averages the processes' gradients,
+            # so the global term is the mean of the processes' shares (one all-reduce for the log)
+            terms = parts["hyper"] + parts["bt"]
+            with phase(step_times, "all_reduce"):
+                if world > 1:
+                    flat = torch.cat([t.flatten() for t in terms])
+                    torch.distributed.all_reduce(flat)
+                    flat /= world
+                    offset = 0
+                    for t in terms:
+                        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                        offset += t.numel()
+            norms = gradient_term_norms(parts["hyper"], parts["bt"])
         else:
             optimizer.zero_grad(set_to_none=False)
             for p in params:
@@ -231,11 +247,9 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
             vec = torch.tensor([vals[k] for k in MEAN_STATS], dtype=torch.float64, device=accelerator.device)
             torch.distributed.all_reduce(vec)
             vals = dict(zip(MEAN_STATS, vec.tolist()))
-        norm_stats = ({k: stats.get(k) for k in ("hypergrad_term_norm", "bt_term_norm", "grad_ratio")} if sharded
-                      else norms)  # under DeepSpeed: this process's share (its gradients are reduced inside ZeRO)
         stats = {**{k: v / len(drawn) for k, v in vals.items()}, "grad_norm": grad_norm,
-                 "hypergrad_norm": norm_stats["hypergrad_term_norm"], "bt_term_norm": norm_stats["bt_term_norm"],
-                 "grad_ratio": norm_stats["grad_ratio"]}
+                 "hypergrad_norm": norms["hypergrad_term_norm"], "bt_term_norm": norms["bt_term_norm"],
+                 "grad_ratio": norms["grad_ratio"]}
         if not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in stats.values() if v is not None):
             # the last checkpoint with finite metrics AND bounded weights; `latest` names it, so --resume starts there
             where = last_good_checkpoint(run_dir) if main else None
