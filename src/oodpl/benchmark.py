@@ -26,7 +26,8 @@ Layout of the output directory (each finished unit is written atomically and ski
     DIR/shared/<domain>/adapt_reference.json         pi_ref samples on the adaptation prompts (reward scales)
     DIR/seed-S/erm-rm/reward_model/, DIR/seed-S/erm-rm-extra/, DIR/seed-S/oracle-rm/<domain>/reward_model/
     DIR/seed-S/meta-rm/ (and the ablations)          meta_train run directories (reward_model/, metrics.jsonl)
-    DIR/seed-S/dpo/policy_trainable.pt
+    DIR/seed-S/dpo/policy_trainable.pt, DIR/seed-S/dpo/policy/            the DPO policy (raw tensors; PEFT adapter dir)
+    DIR/seed-S/policies/<method>/<domain>/beta_<b>/  every meta-tested policy as a PEFT adapter directory
     DIR/seed-S/samples/<method>/<domain>/beta-<b>.json (or policy.json)   meta-test history + evaluation samples
     DIR/seed-S/eval/<method>/<domain>.json           one cell: metrics, n, units, frontier
     DIR/seed-S/units/<unit>.json                     "done" markers with the unit's wall time
@@ -55,6 +56,7 @@ from .evaluate import (agreement, dpo_pl, gold_scores, load_samples, load_shared
                        references_for, rm_pl, rm_sample_scores, sample_metrics, shared_reference_samples)
 from .metatest import (adapt_reference_samples, eval_seed, judge_fn, meta_test_to_file, policy_samples_to_file,
                        reference_reward_scale, reward_model_fn)
+from .models import place
 from .runlog import seed_everything
 from .stats import interpolate_at_kl, matched_kl
 
@@ -87,8 +89,8 @@ def seed_config(cfg: Config, seed: int, method: str | None = None, selected: dic
 class _SeedPolicy:
     """Per seed: one policy (LoRA init of that seed) whose initial trainable tensors are restored before each use."""
 
-    def __init__(self, cfg: Config, device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: Config, accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
         self._policy = None
         self._init = None
 
@@ -97,7 +99,7 @@ class _SeedPolicy:
 
         if self._policy is None:
             self._policy = load_policy(self.cfg.policy, seed=self.cfg.seed)
-            self._policy.model.to(self.device)
+            place(self._policy, self.accelerator)
             self._init = {k: v.detach().clone() for k, v in self._policy.trainable_parameters().items()}
         with torch.no_grad():
             for k, p in self._policy.trainable_parameters().items():
@@ -128,7 +130,8 @@ class Benchmark:
         self._scale_cache: dict[tuple[str, str], float] = {}
         from .distributed import make_accelerator
 
-        self.device = make_accelerator().device
+        self.accelerator = make_accelerator()
+        self.device = self.accelerator.device
 
     # --------------------------------------------------------------------------------------------------- paths
     def sdir(self, seed: int) -> Path:
@@ -164,7 +167,7 @@ class Benchmark:
         if key not in self._rm_cache:
             self._rm_cache.clear()  # one RM in memory at a time
             rm = load_reward_checkpoint(path, self.cfg.reward)
-            rm.model.to(self.device)
+            place(rm, self.accelerator)
             self._rm_cache[key] = rm
         return self._rm_cache[key]
 
@@ -189,7 +192,7 @@ class Benchmark:
         for di, d in enumerate(domains):
             units.append((first, f"shared/{d}", lambda d=d, di=di: self.shared_samples(d, di)))
         for s in self.seeds:
-            pol = _SeedPolicy(self.config(s), self.device)
+            pol = _SeedPolicy(self.config(s), self.accelerator)
             if "erm-rm" in self.methods:
                 units.append((s, "train/erm-rm", lambda s=s: self.train_erm(s)))
             if "erm-rm-extra" in self.methods:
@@ -240,7 +243,7 @@ class Benchmark:
     def shared_samples(self, d: str, di: int) -> None:
         """The domain's shared pi_ref samples: for rm_gold_agreement (evaluation prompts, with gold scores) and for
         the meta-test reward scales (adaptation prompts). pi_ref does not depend on the seed: drawn once."""
-        policy = _SeedPolicy(self.config(self.seeds[0]), self.device).get()
+        policy = _SeedPolicy(self.config(self.seeds[0]), self.accelerator).get()
         ho = self.split.held_out[d]
         shared_reference_samples(self.dir / "shared" / d / "agreement.json", policy,
                                  [p.prompt for p in ho.eval_prompts], self.cfg.eval.agreement_samples,
@@ -264,7 +267,7 @@ class Benchmark:
         cfg = self.config(s, method)
         seed_everything(s)
         rm = load_reward_model(cfg.reward, seed=s)
-        rm.model.to(self.device)
+        place(rm, self.accelerator)
         stats = train_reward_model(rm, pairs, cfg.train_rm, seed=s, progress=False)
         rm.save(directory / "reward_model")
         atomic_write_json(directory / "train.json", {"what": what, "pairs": len(pairs), "lr": cfg.train_rm.lr,
@@ -292,6 +295,10 @@ class Benchmark:
         stats = train_dpo(policy, self.split.pooled_pairs(), cfg.rloo.beta, cfg.benchmark.dpo_epochs,
                           cfg.benchmark.dpo_lr, cfg.train_rm.batch_size, seed=s, progress=self.progress)
         save_trainable(policy, self.sdir(s) / "dpo" / "policy_trainable.pt")
+        from .export import save_policy
+
+        save_policy(policy, self.sdir(s) / "dpo" / "policy", base_dir=self.dir / "policies" / "base_model",
+                    metadata={"method": "dpo", "seed": s})  # the aligned policy as a PEFT adapter directory
         atomic_write_json(self.sdir(s) / "dpo" / "train.json", {**stats, "beta": cfg.rloo.beta,
                                                                 "lr": cfg.benchmark.dpo_lr,
                                                                 "pairs": len(self.split.pooled_pairs())})
@@ -331,6 +338,10 @@ class Benchmark:
         meta_test_to_file(path, policy, [p.prompt for p in ho.adapt_prompts], eval_prompts, reward, cfg, beta,
                           s * 1000 + di, eval_seed(s, di), info, scale, progress=self.progress,
                           desc=f"meta-test {method} {d} beta={beta:g}")
+        from .export import save_policy
+
+        save_policy(policy, self.sdir(s) / "policies" / method / d / f"beta_{beta:g}",
+                    base_dir=self.dir / "policies" / "base_model", metadata={**info, "beta_test": beta})
 
     def evaluate(self, s: int, pol: _SeedPolicy, method: str, d: str) -> None:
         """One (seed, domain, method) cell: metrics, n, per-unit values and the frontier (matched KL: collect)."""

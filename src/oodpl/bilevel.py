@@ -268,8 +268,8 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
     ratio `grad_ratio`); pass a dict as `parts` to receive the two terms themselves under "hyper" and "bt" (= lambda_bt
     grad BT; the trainer all-reduces them to log the norms and ratio of the global sums). `backward`: None writes into
     .grad directly; a callable receives the summed surrogate of the meta-batch in one call (DeepSpeed ZeRO reduces
-    gradients once per backward and its backward also takes the optimiser step); the returned norms are this
-    process's share."""
+    gradients once per backward and its backward also takes the optimiser step); the two terms are then not
+    measured apart (ZeRO hooks every gradient of its parameters) and their norms are None."""
     scale = float(scale or len(tasks))
     params = [p for p in getattr(rm, "model", rm).parameters() if p.requires_grad]  # RewardModel or a bare module
     hyper = [torch.zeros_like(p) for p in params]
@@ -287,14 +287,16 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
             r_c = rm.forward_encoded(task.query.rm_chosen)
             r_r = rm.forward_encoded(task.query.rm_rejected)
             bt = bradley_terry_loss(r_c, r_r)
-            keep = backward is not None
-            for acc, g in zip(hyper, _flat_grads(surrogate, params, retain_graph=keep)):
-                acc.add_(g)
-            if meta.lambda_bt > 0 or keep:
-                for acc, g in zip(bt_grad, _flat_grads(bt / scale, params, retain_graph=keep)):
-                    acc.add_(g)
-            if keep:
+            if backward is not None:
+                # DeepSpeed: ZeRO hooks every gradient of its parameters, so no separate torch.autograd.grad here;
+                # the two terms are not measured apart (their norms are reported as None)
                 pending.append(surrogate + meta.lambda_bt * bt / scale)
+            else:
+                for acc, g in zip(hyper, _flat_grads(surrogate, params)):
+                    acc.add_(g)
+                if meta.lambda_bt > 0:
+                    for acc, g in zip(bt_grad, _flat_grads(bt / scale, params)):
+                        acc.add_(g)
         out["outer_loss"] += loss / len(tasks)
         out["bt_loss"] += float(bt.detach()) / len(tasks)
         out["query_accuracy"] += pair_accuracy(r_c.detach(), r_r.detach()) / len(tasks)
@@ -309,10 +311,13 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
     elif pending:
         with phase(timings, "rm_backward"):
             backward(torch.stack(pending).sum())
-    out.update(gradient_term_norms(hyper, [meta.lambda_bt * b for b in bt_grad]))
-    if parts is not None:
-        parts["hyper"] = hyper
-        parts["bt"] = [meta.lambda_bt * b for b in bt_grad]
+    if backward is None:
+        out.update(gradient_term_norms(hyper, [meta.lambda_bt * b for b in bt_grad]))
+        if parts is not None:
+            parts["hyper"] = hyper
+            parts["bt"] = [meta.lambda_bt * b for b in bt_grad]
+    else:
+        out.update({"hypergrad_term_norm": None, "bt_term_norm": None, "grad_ratio": None})
     return out
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, dump_config
 from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
-from .models import Policy, RewardModel
+from .models import Policy, RewardModel, place
 from .policy_opt import policy_gradient
 from .runlog import seed_everything
 from .sampling import collate, encode_prompts, policy_logprobs, sample_responses
@@ -264,8 +264,8 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
             split.save(out / "split.json")
             claim.commit()
         accelerator.wait_for_everyone()
-        policy.model.to(accelerator.device)
-        rm.model.to(accelerator.device)
+        place(policy, accelerator)
+        place(rm, accelerator)
         progress = not cfg.quiet and main
         logger = MetricsLogger(out, cfg.report_to, enabled=main, config=cfg.to_dict(), tracking=cfg.tracking,
                                stage="meta-test")

@@ -26,7 +26,7 @@ from .data.split import DomainSplit, build_split
 from .distributed import make_accelerator, prepare_deepspeed, uses_deepspeed
 from .checkpoints import last_good_checkpoint, load_checkpoint, save_checkpoint
 from .errors import RunClaim, UserError, atomic_write_json, atomic_write_text, claim_run_dir
-from .models import Policy, RewardModel, load_policy, load_reward_checkpoint, load_reward_model
+from .models import Policy, RewardModel, load_policy, load_reward_checkpoint, load_reward_model, place
 from .runlog import MetricsLogger, phase, seed_everything
 from .sampling import SampleBank, build_bank
 
@@ -167,8 +167,8 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
     with phase(timings, "load_models"):
         policy = load_policy(cfg.policy, seed=cfg.seed)
         rm = initial_reward_model(cfg, split, run_dir, init_reward_model, accelerator)
-        policy.model.to(accelerator.device)
-        rm.model.to(accelerator.device)
+        place(policy, accelerator)
+        place(rm, accelerator)
     with phase(timings, "sample_bank"):
         banks = load_or_build_banks(policy, split, cfg, run_dir / "bank", accelerator, progress)
     with phase(timings, "query_sets"):
@@ -208,19 +208,7 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
             stats = meta_gradient(policy, rm, tasks, cfg.meta, cfg.rloo, scale=len(drawn) / world,
                                   timings=step_times, backward=accelerator.backward, parts=parts)
             grad_norm = float(accelerator.deepspeed_engine_wrapped.get_global_grad_norm() or 0.0)
-            # the two terms over the whole meta-batch, as without DeepSpeed: ZeRO averages the processes' gradients,
-            # so the global term is the mean of the processes' shares (one all-reduce for the log)
-            terms = parts["hyper"] + parts["bt"]
-            with phase(step_times, "all_reduce"):
-                if world > 1:
-                    flat = torch.cat([t.flatten() for t in terms])
-                    torch.distributed.all_reduce(flat)
-                    flat /= world
-                    offset = 0
-                    for t in terms:
-                        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                        offset += t.numel()
-            norms = gradient_term_norms(parts["hyper"], parts["bt"])
+            norms = dict.fromkeys(("hypergrad_term_norm", "bt_term_norm", "grad_ratio"))  # not measured apart
         else:
             optimizer.zero_grad(set_to_none=False)
             for p in params:

@@ -39,6 +39,7 @@ from .bilevel import DomainTask, meta_objective
 from .config import Config, dump_config, with_overrides
 from .data.split import DomainSplit, build_split
 from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
+from .models import place
 from .objectives import pair_accuracy
 
 CRITERIA = {"outer_loss": min, "pair_accuracy": max}
@@ -120,7 +121,7 @@ class _Selection:
         self.accelerator = make_accelerator()
         self.progress = not cfg.quiet
         self.policy = load_policy(cfg.policy, seed=cfg.seed)
-        self.policy.model.to(self.accelerator.device)
+        place(self.policy, self.accelerator)
         self.pad = self.policy.tokenizer.pad_token_id
         self.banks = load_or_build_banks(self.policy, split, cfg, out / "bank", self.accelerator, self.progress)
         self.queries = build_query_sets(self.policy, split, self.left_out)  # log pi_ref of the scored domains, once
@@ -153,7 +154,7 @@ class _Selection:
 
         seed_everything(c.seed)
         rm = load_reward_model(c.reward, seed=c.seed)
-        rm.model.to(self.accelerator.device)
+        place(rm, self.accelerator)
         train_reward_model(rm, self.fold_pairs(d), c.train_rm, seed=c.seed, progress=False)
         rm.save(path)
 
@@ -182,7 +183,7 @@ class _Selection:
                                  accelerator=self.accelerator, init_reward_model=init)
             path = Path(summary["reward_model"])
         rm = load_reward_checkpoint(path, self.cfg.reward)
-        rm.model.to(self.accelerator.device)
+        place(rm, self.accelerator)
         return score_fold(self.policy, rm, d, self.banks[d], self.queries[d], c, self.pad)
 
     def dpo_fold(self, c: Config, d: str, run: Path) -> dict:
