@@ -473,6 +473,8 @@ class Benchmark:
     def samples_table(self, domains: list[str], rows: int = 4) -> dict:
         """First evaluation prompts of each domain, one sample each of reference / erm-rm / meta-rm (first seed)."""
         s = self.seeds[0]
+        if not self.meta_tested(s):
+            return {}
         shown = [m for m in ("reference", "erm-rm", "erm-rm-extra", "meta-rm") if m in self.methods + ["reference"]]
         out = {}
         for d in domains:

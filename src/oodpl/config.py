@@ -155,8 +155,8 @@ class BenchmarkConfig:
     )
     seeds: list[int] = field(default_factory=lambda: [0])
     select: bool = False  # first choose each tuned method's settings by leave-one-domain-out (select.grids)
-    # the meta-test and the generation metrics (secondary endpoints) run for the first N seeds only (null: all);
-    # the primary endpoints (pl_accuracy, rm_gold_agreement) need no meta-test and are measured for every seed
+    # the meta-test and the generation metrics (secondary endpoints) run for the first N seeds only (null: all; 0:
+    # none); the primary endpoints (pl_accuracy, rm_gold_agreement) need no meta-test and are measured for every seed
     meta_test_seeds: int | None = None
     dpo_epochs: int = 1
     dpo_lr: float = 5e-4
@@ -376,7 +376,7 @@ RULES: dict[str, str] = {
     "meta_test.steps": ">=1", "meta_test.lr": ">0", "meta_test.optimizer": "adam|sgd", "meta_test.beta_test": ">0",
     "train_rm.epochs": ">=1", "train_rm.lr": ">0", "train_rm.batch_size": ">=1", "train_rm.eval_fraction": "[0,1)",
     "eval.judge": "auto|vader|embedding|llm", "eval.samples_per_prompt": ">=1", "eval.agreement_samples": ">=2",
-    "benchmark.seeds": ">=0", "benchmark.meta_test_seeds": ">=1", "benchmark.dpo_epochs": ">=1", "benchmark.dpo_lr": ">0",
+    "benchmark.seeds": ">=0", "benchmark.meta_test_seeds": ">=0", "benchmark.dpo_epochs": ">=1", "benchmark.dpo_lr": ">0",
     "select.criterion": "outer_loss|pair_accuracy", "select.folds": ">=0", "select.eval_draws": ">=1",
     "reward.input_format": "concat|pair|chat",
     "seed": ">=0", "report_to": "tensorboard|wandb|none",
