@@ -437,6 +437,35 @@ class Benchmark:
             atomic_write_text(self.dir / "report.md", render_report(results, plots, self.dir))
             return results
 
+    def report_finished_seeds(self) -> dict:
+        """Run nothing: results, report and plots of the seeds whose every unit has finished, of a run in progress or
+        stopped (the same config), written to DIR/finished/. The run directory itself is only read."""
+        from .report import make_plots, render_report, write_csv
+
+        if not (self.dir / "oodpl_run.json").exists() or not (self.dir / "split.json").exists():
+            raise UserError(f"{self.dir} holds no benchmark run to report on; run `oodpl benchmark` first")
+        marker = json.loads((self.dir / "oodpl_run.json").read_text())
+        if marker.get("fingerprint") != json.loads(json.dumps(self.cfg.fingerprint(), default=str)):
+            raise UserError(f"{self.dir} holds a benchmark run of a different config; pass the config it was run with")
+        self.split = DomainSplit.load(self.dir / "split.json")
+        self.selected = {m: v["best"] for m, v in self.load_selection().get("methods", {}).items()}
+        units = self.plan()
+        done = [s for s in self.seeds if all(self.marker(u_s, u).exists() for u_s, u, _ in units if u_s == s)]
+        if not done:
+            raise UserError(f"{self.dir}: no seed has finished all of its units yet; try again later")
+        units = [u for u in units if u[0] in done]
+        self.seeds = done
+        results = self.collect(units, wall=sum(json.loads(self.marker(s, u).read_text())["seconds"]
+                                               for s, u, _ in units))
+        results["provenance"]["wall_seconds"] = None  # the run's wall time is unknown here: see timings
+        results["provenance"]["note"] = (f"seeds {done} of {self.cfg.benchmark.seeds}: every unit of these seeds "
+                                         "had finished; the others are left out")
+        out = self.dir / "finished"
+        atomic_write_json(out / "results.json", results)
+        write_csv(out / "results.csv", results)
+        atomic_write_text(out / "report.md", render_report(results, make_plots(out, results), out))
+        return results
+
     # ----------------------------------------------------------------------------------------------- collect
     def collect(self, units, wall: float) -> dict:
         domains = sorted(self.split.held_out)

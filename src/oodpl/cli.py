@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("benchmark", help="every method x held-out domain x seed, then report.md, plots, results")
     _config_args(b)
+    b.add_argument("--finished-seeds", action="store_true",
+                   help="run nothing: report the seeds whose every unit has finished (of a run in progress or "
+                        "stopped) into OUTPUT/finished/")
 
     sel = sub.add_parser("select", help="choose meta.* settings by leave-one-domain-out within meta-train domains")
     _config_args(sel)
@@ -235,14 +238,19 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_benchmark(args) -> int:
-    from .benchmark import run_benchmark
+    from .benchmark import Benchmark, run_benchmark
     from .report import comparison_sentence, main_table
 
-    results = run_benchmark(_load_cfg(args), args.output)
+    if args.finished_seeds:
+        results = Benchmark(_load_cfg(args), args.output).report_finished_seeds()
+        where = Path(args.output) / "finished" / "report.md"
+    else:
+        results = run_benchmark(_load_cfg(args), args.output)
+        where = Path(args.output) / "report.md"
     print(main_table(results))
     print()
     print(comparison_sentence(results))
-    print(f"\nreport: {Path(args.output) / 'report.md'}")
+    print(f"\nreport: {where}")
     return 0
 
 
