@@ -86,7 +86,9 @@ def ds_launch(stage: int, *argv, check: bool = True) -> subprocess.CompletedProc
 
 def ds_args(tmp_path, steps=2, every=10):
     # as in test_metatrain.test_two_processes_equal_one: a small lr keeps Adam's rescaled rounding noise << 1e-5
-    return tiny_args(tmp_path, steps=steps, every=every) + ["--set", "meta.meta_batch_domains=2",
+    # meta.init=scratch: the built-in BT warm start is trained data-parallel under a launch (see test_metatrain)
+    return tiny_args(tmp_path, steps=steps, every=every) + ["--set", "meta.init=scratch",
+                                                            "--set", "meta.meta_batch_domains=2",
                                                             "--set", "meta.grad_clip=0", "--set", "meta.outer_lr=1e-3"]
 
 
