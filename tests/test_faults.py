@@ -174,8 +174,6 @@ def test_kill_during_checkpoint_write_resumes_exactly(tmp_path, interrupted, ref
     assert leftovers == [], leftovers
 
 
-@pytest.mark.xfail(strict=False, reason="regression found at the end of the 2026-11-28 session: a SIGKILLed CLI run "
-                   "resumed with --resume no longer ends bit-identical; under investigation")
 def test_sigkill_at_a_random_moment_resumes_exactly(tmp_path, reference):
     """A real SIGKILL of the CLI at a random moment after training started (possibly inside a checkpoint write)."""
     run = tmp_path / "run"

@@ -18,6 +18,7 @@ def make_accelerator(cpu: bool | None = None):
     FSDP and ZeRO-3 shard parameters, ZeRO-1/2 only shard optimiser states and gradients, which is fine."""
     from accelerate import Accelerator
 
+    forget_foreign_state()
     kind = os.environ.get("ACCELERATE_DISTRIBUTED_TYPE", "") or ""
     if kind.upper() in ("FSDP", "MEGATRON_LM") or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         raise UserError("parameter sharding (FSDP) does not combine with the Jacobian-vector products of the bilevel "
@@ -51,6 +52,18 @@ def make_accelerator(cpu: bool | None = None):
                 raise UserError(f"DeepSpeed {key} is not supported by oodpl (untested with the bilevel step); remove "
                                 f"it from the DeepSpeed config or use configs/accelerate/deepspeed_zero2.yaml")
     return acc
+
+
+def forget_foreign_state() -> None:
+    """accelerate keeps one AcceleratorState per process. A Trainer run earlier in the same process (TRL's configs
+    default to bf16) leaves its mixed precision there, and every later Accelerator silently inherits it: a meta-train
+    called in-process after a DPOTrainer ran in bf16 autocast. Reset it when it differs from what this launch asks."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    wanted = (os.environ.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
+    if state and str(state.get("_mixed_precision") or "no").lower() != wanted:
+        AcceleratorState._reset_state()  # keeps PartialState: the process group of a launch stays as it is
 
 
 def uses_deepspeed(accelerator) -> bool:

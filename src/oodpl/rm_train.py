@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainRMConfig
 from .data.records import PairRecord
-from .distributed import prepare_deepspeed, uses_deepspeed
+from .distributed import make_accelerator, prepare_deepspeed, uses_deepspeed
 from .models import RewardModel
 from .objectives import bradley_terry_loss, pair_accuracy
 
@@ -62,9 +62,7 @@ def train_reward_model(rm: RewardModel, pairs: list[PairRecord], cfg: TrainRMCon
                        accelerator=None, progress: bool = True, log=None) -> dict:
     """Minimise BT(r_phi; pairs) with AdamW; returns {"steps", "train_loss", "seconds"}. `log(step, dict)` is called
     every step when given."""
-    from accelerate import Accelerator
-
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or make_accelerator()
     model = rm.model
     model.train(False)  # dropout off: the same r_phi the bilevel method and the meta-test see
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
