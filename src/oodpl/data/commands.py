@@ -24,7 +24,7 @@ STAT_COLUMNS = [
 ]
 
 
-def cmd_validate(path: str, columns: dict[str, str] | None = None, kind: str = "auto") -> int:
+def cmd_validate(path: str, columns: dict[str, str] | None = None, kind: str = "auto", encoding: str = "utf-8") -> int:
     """Check a pairs or prompts file (kind: auto, pairs, prompts); print counts per domain; return 0.
 
     Raises UserError (naming file and line) on the first problem.
@@ -32,12 +32,12 @@ def cmd_validate(path: str, columns: dict[str, str] | None = None, kind: str = "
     if kind not in ("auto", "pairs", "prompts"):
         raise UserError(f"kind must be auto, pairs or prompts, got {kind!r}")
     if kind == "auto":
-        kind = "pairs" if looks_like_pairs(path, columns) else "prompts"
+        kind = "pairs" if looks_like_pairs(path, columns, encoding) else "prompts"
     counts: dict[str, int] = {}
     if kind == "pairs":
-        records: list = read_pairs(path, columns)
+        records: list = read_pairs(path, columns, encoding)
     else:
-        records = read_prompts(path, columns)
+        records = read_prompts(path, columns, encoding)
     for r in records:
         counts[r.domain] = counts.get(r.domain, 0) + 1
     print(f"{path}: {len(records)} valid {kind} in {len(counts)} domains")
@@ -49,7 +49,7 @@ def cmd_validate(path: str, columns: dict[str, str] | None = None, kind: str = "
     return 0
 
 
-def load_for_stats(path_or_task: str, columns: dict[str, str] | None = None
+def load_for_stats(path_or_task: str, columns: dict[str, str] | None = None, encoding: str = "utf-8"
                    ) -> tuple[list[PairRecord], list[PromptRecord]]:
     """A built-in task name (`sentiment`, `knowledge`, `all`) or a pairs/prompts file."""
     if path_or_task in builtin.TASKS and not Path(path_or_task).exists():
@@ -62,10 +62,10 @@ def load_for_stats(path_or_task: str, columns: dict[str, str] | None = None
             pairs += p
             prompts += x
         return pairs, prompts
-    if looks_like_pairs(path_or_task, columns):
-        pairs = read_pairs(path_or_task, columns)
+    if looks_like_pairs(path_or_task, columns, encoding):
+        pairs = read_pairs(path_or_task, columns, encoding)
         return pairs, prompts_from_pairs(pairs)
-    return [], read_prompts(path_or_task, columns)
+    return [], read_prompts(path_or_task, columns, encoding)
 
 
 def format_stats(stats: dict[str, dict], as_markdown: bool = False) -> str:
@@ -86,9 +86,9 @@ def format_stats(stats: dict[str, dict], as_markdown: bool = False) -> str:
 
 
 def cmd_stats(path_or_task: str, as_markdown: bool = False, columns: dict[str, str] | None = None,
-              quiet: bool = False) -> str:
+              quiet: bool = False, encoding: str = "utf-8") -> str:
     """Pairs and prompts per domain with mean/max lengths in words; prints the table and returns it."""
-    pairs, prompts = load_for_stats(path_or_task, columns)
+    pairs, prompts = load_for_stats(path_or_task, columns, encoding)
     text = format_stats(domain_stats(pairs, prompts), as_markdown)
     if not quiet:
         print(text)
