@@ -289,3 +289,18 @@ def test_importing_evaluate_and_selection_loads_no_benchmark():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "False"
+
+
+def test_seed_config_takes_each_methods_choice_and_erm_extra_falls_back_to_meta_rm():
+    from oodpl.benchmark import seed_config
+    from oodpl.config import load_config
+
+    cfg = load_config(CONFIG)
+    only_meta = {"meta-rm": {"meta.outer_lr": 3.0e-5}}
+    assert seed_config(cfg, 1, "meta-rm", only_meta).meta.outer_lr == 3.0e-5
+    assert seed_config(cfg, 1, "erm-rm-extra", only_meta).meta.outer_lr == 3.0e-5
+    assert seed_config(cfg, 1, "meta-rm-scratch", only_meta).meta.outer_lr == 3.0e-5
+    assert seed_config(cfg, 1, "erm-rm", only_meta).meta.outer_lr == cfg.meta.outer_lr
+    both = {**only_meta, "erm-rm-extra": {"meta.outer_lr": 1.0e-4}}
+    assert seed_config(cfg, 2, "erm-rm-extra", both).meta.outer_lr == 1.0e-4
+    assert seed_config(cfg, 2, "erm-rm-extra", both).seed == 2

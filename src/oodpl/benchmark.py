@@ -80,7 +80,13 @@ def _fmt_beta(b: float) -> str:
 
 def seed_config(cfg: Config, seed: int, method: str | None = None, selected: dict | None = None) -> Config:
     """The config of one seed and method: the method's leave-one-domain-out choice, then its ablation."""
-    choice = (selected or {}).get(TUNED.get(method, ""), {})
+    selected = selected or {}
+    tuned = TUNED.get(method, "")
+    if tuned == "erm-rm-extra" and tuned not in selected:
+        # erm-rm-extra is meta-rm without the hypergradient: when only meta-rm was tuned, it takes meta-rm's choice
+        # (same keys), so the baseline is never left at a default the method was tuned away from
+        tuned = "meta-rm"
+    choice = selected.get(tuned, {})
     c = with_overrides(cfg, {**choice, **ABLATIONS.get(method, {})}, where=f"select/{method}")
     c.seed = seed
     return c
