@@ -213,3 +213,20 @@ def test_meta_gradient_reports_kl_after_the_step_and_the_term_ratio(tiny64):
     assert stats["grad_ratio"] == pytest.approx(ratio)
     total = torch.sqrt(sum((p.grad ** 2).sum() for p in rm.model.parameters() if p.grad is not None))
     assert float(total) <= stats["hypergrad_term_norm"] + stats["bt_term_norm"] + 1e-12  # triangle inequality
+
+
+def test_outer_loss_before_the_step_is_the_outer_loss_at_pi_ref(tiny64):
+    """outer_loss_before = L_out(theta_0): equal to outer_loss when the inner step is zero (inner_lr = 0), equal to a
+    direct computation at theta_0, and different from outer_loss after a real step."""
+    from oodpl.bilevel import outer_loss
+
+    policy, rm = tiny64
+    tasks = tiny_tasks(policy, rm, K=1)
+    theta0 = {k: v.detach() for k, v in policy.trainable_parameters().items()}
+    direct = sum(float(outer_loss(policy, theta0, t.query, RLOO_STD.beta)) for t in tasks) / len(tasks)
+    zero = meta_gradient(policy, rm, tasks, MetaConfig(inner_steps=1, inner_lr=0.0, lambda_bt=0.0), RLOO_STD)
+    assert zero["outer_loss_before"] == pytest.approx(direct, rel=1e-12)
+    assert zero["outer_loss"] == pytest.approx(direct, rel=1e-12)
+    step = meta_gradient(policy, rm, tasks, MetaConfig(inner_steps=1, inner_lr=50.0, lambda_bt=0.0), RLOO_STD)
+    assert step["outer_loss_before"] == pytest.approx(direct, rel=1e-12)
+    assert abs(step["outer_loss"] - direct) > 1e-6

@@ -536,8 +536,8 @@ class Benchmark:
     def diagnostics(self, domains: list[str]) -> dict:
         """Why meta-rm wins or loses (method.md, Statistics and evidence): per seed and meta method, the gradient-term
         ratio, the reward spread on pi_ref samples of the held-out adaptation prompts before (phi_0 = erm-rm) and
-        after meta-training, the inner step's length, KL and outer loss (and from the selection runs: the outer
-        loss after the inner step on left-out meta-train domains)."""
+        after meta-training, the inner step's length and KL, and the outer loss on the meta-batch's query pairs
+        before and after the inner step."""
         out: dict = {}
         for s in self.seeds:
             for m in self.methods:
@@ -545,7 +545,7 @@ class Benchmark:
                     continue
                 rows = _read_jsonl(self.sdir(s) / m / "metrics.jsonl")
                 entry = {k: [r.get(k) for r in rows] for k in ("grad_ratio", "inner_step_length", "inner_kl",
-                                                               "outer_loss", "inner_reward_std")}
+                                                               "outer_loss_before", "outer_loss", "inner_reward_std")}
                 spread = {}
                 for d in domains:
                     cell = {w: json.loads((self.sdir(s) / "eval" / w / f"{d}.json").read_text())

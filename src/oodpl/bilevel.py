@@ -215,7 +215,7 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
             loss = outer_loss(policy, thetas[-1], task.query, rloo.beta)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(r) if g is None else g for r, g in zip(rewards, grads)]
-        _after_step_stats(policy, task, thetas, stats)
+        _after_step_stats(policy, task, thetas, stats, rloo.beta)
         return grads, float(loss.detach()), stats
 
     with phase(timings, "inner_policy_steps"):
@@ -236,13 +236,17 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
             g = pull_back_standardisation(g, rewards[k].to(g.dtype))
         grads.append(g)
     with phase(timings, "inner_policy_steps"):
-        _after_step_stats(policy, task, thetas, stats)
+        _after_step_stats(policy, task, thetas, stats, rloo.beta)
     return grads, float(loss.detach()), stats
 
 
-def _after_step_stats(policy: Policy, task: DomainTask, thetas: list[dict], stats: list[dict]) -> None:
+def _after_step_stats(policy: Policy, task: DomainTask, thetas: list[dict], stats: list[dict], beta: float) -> None:
     stats[-1]["kl_after"] = adapted_kl(policy, task.inner[-1], thetas[-1])
     stats[-1]["step_length"] = step_length(thetas[0], thetas[-1])
+    # the outer loss before the inner step (at theta_0): beside L_out(theta_K) it shows whether the step under r_phi
+    # moves the policy towards the domain's human preferences at all (a diagnostic; one forward on the query pairs)
+    with torch.no_grad():
+        stats[-1]["outer_loss_before"] = float(outer_loss(policy, thetas[0], task.query, beta))
 
 
 def _flat_grads(output: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = False) -> list[torch.Tensor]:
@@ -274,8 +278,8 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
     params = [p for p in getattr(rm, "model", rm).parameters() if p.requires_grad]  # RewardModel or a bare module
     hyper = [torch.zeros_like(p) for p in params]
     bt_grad = [torch.zeros_like(p) for p in params]
-    keys = ("outer_loss", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std", "inner_kl",
-            "inner_step_length")
+    keys = ("outer_loss", "outer_loss_before", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std",
+            "inner_kl", "inner_step_length")
     out = dict.fromkeys(keys, 0.0)
     pending: list[torch.Tensor] = []
     for task in tasks:
@@ -298,6 +302,7 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
                     for acc, g in zip(bt_grad, _flat_grads(bt / scale, params)):
                         acc.add_(g)
         out["outer_loss"] += loss / len(tasks)
+        out["outer_loss_before"] += stats[-1]["outer_loss_before"] / len(tasks)
         out["bt_loss"] += float(bt.detach()) / len(tasks)
         out["query_accuracy"] += pair_accuracy(r_c.detach(), r_r.detach()) / len(tasks)
         out["inner_reward"] += stats[0]["reward"] / len(tasks)

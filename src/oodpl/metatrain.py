@@ -32,8 +32,8 @@ from .sampling import SampleBank, build_bank
 
 
 # per-domain statistics of meta_gradient, averaged over the meta-batch (across processes too)
-MEAN_STATS = ("outer_loss", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std", "inner_kl",
-              "inner_step_length")
+MEAN_STATS = ("outer_loss", "outer_loss_before", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std",
+              "inner_kl", "inner_step_length")
 
 
 class TrainingDiverged(UserError):

@@ -59,7 +59,9 @@ DIAGNOSTIC_MEANING = {
     "grad_ratio": "||hypergradient|| / ||lambda_bt * grad BT|| per logged outer step (near 1: both terms count)",
     "reward_spread_ref": "spread of the RM's rewards on pi_ref samples, before / after meta-training",
     "inner_step_length": "length of the inner policy step per logged outer step",
-    "outer_loss_lodo": "outer loss on left-out meta-train domains, before / after the inner step",
+    "outer_loss_before": "outer loss on the meta-batch's query pairs before the inner step (at pi_ref)",
+    "outer_loss": "the same after the inner step (L_out(theta_K)): lower than before when the step under r_phi moves "
+                  "the policy towards the domain's human preferences",
 }
 
 
