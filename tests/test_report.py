@@ -157,3 +157,14 @@ def test_unpaired_units_are_refused(tmp_path):
     cell["units"]["pl_accuracy"]["clusters"].append(99)
     with pytest.raises(ValueError, match="not the same items"):
         render_report(bad, [], tmp_path)
+
+
+def test_provenance_says_when_the_units_were_computed_by_earlier_invocations(tmp_path):
+    res = synthetic_results(betas=(0.05,))
+    assert "wall time 3600 s (60.0 min)" in render_report(res, [], tmp_path)
+    res["provenance"]["wall_seconds"] = 0.4
+    res["timings"]["total_unit_seconds"] = 8472.2
+    md = render_report(res, [], tmp_path)
+    assert "wall time 0 s (0.0 min)" not in md
+    assert "wall time of this invocation 0 s; its units were computed by earlier invocations (sum of unit times " \
+           "8472 s = 141.2 min" in md

@@ -546,6 +546,7 @@ class Benchmark:
                 rows = _read_jsonl(self.sdir(s) / m / "metrics.jsonl")
                 entry = {k: [r.get(k) for r in rows] for k in ("grad_ratio", "inner_step_length", "inner_kl",
                                                                "outer_loss_before", "outer_loss", "inner_reward_std")}
+                entry = {k: v for k, v in entry.items() if any(x is not None for x in v)}  # logged by this version
                 spread = {}
                 for d in domains:
                     cell = {w: json.loads((self.sdir(s) / "eval" / w / f"{d}.json").read_text())

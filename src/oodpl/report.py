@@ -395,7 +395,12 @@ def _provenance(results: dict) -> str:
         parts.append(f"on {p['machine']}")
     if p.get("wall_seconds") is not None:
         ws = float(p["wall_seconds"])
-        parts.append(f"wall time {ws:.0f} s ({ws / 60:.1f} min)")
+        units = float((results.get("timings") or {}).get("total_unit_seconds") or 0.0)
+        if units > ws + 60:  # most units were computed by earlier invocations: this one's wall time says nothing
+            parts.append(f"wall time of this invocation {ws:.0f} s; its units were computed by earlier invocations "
+                         f"(sum of unit times {units:.0f} s = {units / 60:.1f} min, see Timings)")
+        else:
+            parts.append(f"wall time {ws:.0f} s ({ws / 60:.1f} min)")
     if p.get("load") is not None:
         parts.append(f"load {p['load'] if isinstance(p['load'], str) else json.dumps(p['load'])}")
     known = {"command", "date", "machine", "wall_seconds", "load"}
