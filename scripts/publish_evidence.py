@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(run / "plots" / png, plots / png)
     published = md.replace("(plots/", f"(plots/{args.name}/")
     published += (f"\n\n_Published into docs/results by `python scripts/publish_evidence.py --run {args.run} "
-                  f"--name {args.name}`._\n")
+                  f"--name {args.name}`. How to read it, what the diagnostics say and what was tried: "
+                  "[README.md](README.md)._\n")
     tmp = results / f".evidence_{args.name}.md.tmp"
     tmp.write_text(published, encoding="utf-8")
     tmp.replace(results / f"evidence_{args.name}.md")
