@@ -122,6 +122,7 @@ def test_accelerate_state_left_by_an_earlier_trainer_does_not_leak(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     try:
+        AcceleratorState._reset_state()  # as transformers' Trainer does before it builds its bf16 Accelerator
         assert Accelerator(cpu=True, mixed_precision="bf16").mixed_precision == "bf16"
         inproc = tmp_path / "inproc"
         assert main(["--quiet", "meta-train", "-o", str(inproc), *args]) == 0
