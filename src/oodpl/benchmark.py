@@ -340,16 +340,14 @@ class Benchmark:
             policy_samples_to_file(path, policy, eval_prompts, cfg, eval_seed(s, di), {**info, "dpo_beta":
                                                                                         cfg.rloo.beta})
             return
-        if method == "gold-reward":
-            reward = judge_fn(self.judge, self.refs_adapt[d])
-        else:
-            reward = reward_model_fn(self.rm(self.rm_dir(s, method, d)))
+        gold = judge_fn(self.judge, self.refs_adapt[d])  # the meta-test's per-step gold reward (monitoring)
+        reward = gold if method == "gold-reward" else reward_model_fn(self.rm(self.rm_dir(s, method, d)))
         scale = self.reward_scale(method, s, d, reward)
         meta_test_to_file(path, policy, [p.prompt for p in ho.adapt_prompts], eval_prompts, reward, cfg, beta,
                           s * 1000 + di, eval_seed(s, di), info, scale, progress=self.progress,
                           desc=f"meta-test {method} {d} beta={beta:g}",
                           log=self.logger.child(f"seed-{s}/meta-test/{method}/{d}/beta_{beta:g}").log,
-                          gold_fn=judge_fn(self.judge, self.refs_adapt[d]))
+                          gold_fn=gold)
         from .export import save_policy
 
         save_policy(policy, self.sdir(s) / "policies" / method / d / f"beta_{beta:g}",

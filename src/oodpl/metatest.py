@@ -150,7 +150,9 @@ def optimise_policy(policy: Policy, prompts: list[str], reward_fn: RewardFn, cfg
             p.grad = g
         opt.step()
         if gold_fn is not None:
-            stats["gold_reward"] = float(gold_fn([p for p in chosen for _ in range(n)], texts).float().mean())
+            # the gold-reward method optimises the judge itself: its rewards are already the gold scores
+            gold = rewards if gold_fn is reward_fn else gold_fn([p for p in chosen for _ in range(n)], texts)
+            stats["gold_reward"] = float(gold.float().mean())
         history.append({"step": step + 1, **stats})
         bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
         if log is not None:
