@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,19 @@ def test_benchmark_end_to_end_resume_and_refusal(tmp_path, capsys, spies):
     assert len(diag["grad_ratio"]) == 2 and set(diag["reward_spread_ref"]) == set(DOMAINS)
     assert {"before", "after"} <= set(diag["reward_spread_ref"][DOMAINS[0]])
     assert {"meta-rm", "erm-rm-extra"} <= set(res["meta_curves"]["seed-0"])
+    # the left-out diagnostic: meta-train-pool domains no method trained on (neither meta-train nor held out), each
+    # RM's inner step scored there; before the step the policy is pi_ref, so the outer loss is log 2 exactly
+    split = json.loads((out / "split.json").read_text())
+    left = [r for r in res["left_out"]]
+    assert [r["seed"] for r in left] == [0, 1]
+    assert len(left[0]["domains"]) == 3 and left[0]["domains"] == left[1]["domains"]
+    assert not set(left[0]["domains"]) & (set(split["meta_train"]) | set(split["held_out"]))
+    for r in left:
+        assert set(r["methods"]) == {"erm-rm", "erm-rm-extra", "meta-rm"}
+        for per in r["methods"].values():
+            for v in per.values():
+                assert v["outer_loss_before"] == pytest.approx(math.log(2), abs=1e-5)
+                assert math.isfinite(v["outer_loss"]) and v["step_length"] > 0 and v["pairs"] == 8
     assert {"command", "date", "machine", "wall_seconds"} <= set(res["provenance"])
     assert res["timings"]["units"] and res["timings"]["total_unit_seconds"] > 0
     # every training unit logs to the benchmark's metrics.jsonl (and trackers): RM training, dpo, meta-test steps
@@ -192,7 +206,7 @@ def test_benchmark_end_to_end_resume_and_refusal(tmp_path, capsys, spies):
     report = (out / "report.md").read_text()
     for section in ("## Verdicts", "## Paired comparisons", "## Summary per method", "## Per held-out domain",
                     "## Plots", "## Samples side by side", "## Diagnostics", "## Selection", "## Timings",
-                    "## What n means", "## Configuration"):
+                    "## What n means", "## Configuration", "### Outer loss on left-out meta-train domains"):
         assert section in report, section
     assert "2 seeds [0, 1] x 2 held-out domains" in report and "rm_gold_agreement" in report
     for png in ("frontier.png", "by_domain.png", "meta_training.png"):

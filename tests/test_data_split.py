@@ -189,3 +189,26 @@ def test_domain_stats():
     assert st["a"]["pairs"] == 3 and st["a"]["prompts"] == 4 and st["a"]["pair_prompts"] == 3
     assert st["a"]["chosen_words_max"] == 3 and st["a"]["margin_mean"] == 1.0
     assert len(prompts_from_pairs(pairs + pairs)) == 3
+
+
+def test_left_out_split_deals_unused_domains_like_meta_train(monkeypatch):
+    """The left-out diagnostic's domains: neither meta-train nor held out, at most `limit`, dealt exactly as they
+    would be as meta-train domains; a domain too small for the query size is skipped, none left gives an empty split."""
+    import oodpl.data.split as sp
+
+    pairs, prompts = synthetic(domains=("a", "b", "c", "d", "e", "f", "g"))
+    small_p, small_x = synthetic(domains=("h",), n_prompts=1, pool_only=0)  # one prompt: support or query empty
+    monkeypatch.setattr(sp, "load_records", lambda c: (pairs + small_p, prompts + small_x))
+    c = cfg(meta_train_domains=["d", "g"])
+    split = split_records("synthetic", pairs + small_p, prompts + small_x, c)
+    unused = {"a", "b", "d", "e", "g"} - set(split.meta_train)
+    left = sp.left_out_split(c, split, limit=2)
+    assert len(left.meta_train) == 2 and set(left.meta_train) <= unused and not left.held_out
+    full = split_records("synthetic", pairs, prompts, cfg(meta_train_domains=sorted(unused)))
+    for name, dom in left.meta_train.items():
+        assert dom.query_pairs == full.meta_train[name].query_pairs
+        assert dom.support_prompts == full.meta_train[name].support_prompts
+    assert set(sp.left_out_split(c, split, limit=10).meta_train) == unused  # h (too small) skipped
+    everything = split_records("synthetic", pairs, prompts, cfg())
+    monkeypatch.setattr(sp, "load_records", lambda c: (pairs, prompts))
+    assert not sp.left_out_split(cfg(), everything).meta_train

@@ -230,3 +230,22 @@ def test_outer_loss_before_the_step_is_the_outer_loss_at_pi_ref(tiny64):
     step = meta_gradient(policy, rm, tasks, MetaConfig(inner_steps=1, inner_lr=50.0, lambda_bt=0.0), RLOO_STD)
     assert step["outer_loss_before"] == pytest.approx(direct, rel=1e-12)
     assert abs(step["outer_loss"] - direct) > 1e-6
+
+
+def test_inner_step_effect_is_the_meta_objectives_step_measured(tiny64):
+    """inner_step_effect (the left-out diagnostic): its outer loss after the step is F(phi) at lambda_bt = 0, before
+    the step it is L_out(theta_0); a zero step changes nothing and has length 0."""
+    from oodpl.bilevel import inner_step_effect, outer_loss
+
+    policy, rm = tiny64
+    [task] = tiny_tasks(policy, rm, K=1)[:1]
+    theta0 = {k: v.detach() for k, v in policy.trainable_parameters().items()}
+    direct = float(outer_loss(policy, theta0, task.query, RLOO_STD.beta))
+    meta = MetaConfig(inner_steps=1, inner_lr=50.0, lambda_bt=0.0)
+    eff = inner_step_effect(policy, rm, task, meta, RLOO_STD)
+    assert eff["outer_loss_after"] == pytest.approx(meta_objective(policy, rm, [task], meta, RLOO_STD), rel=1e-12)
+    assert eff["outer_loss_before"] == pytest.approx(direct, rel=1e-12)
+    assert abs(eff["outer_loss_after"] - direct) > 1e-6 and eff["step_length"] > 0 and eff["kl_after"] > 0
+    zero = inner_step_effect(policy, rm, task, MetaConfig(inner_steps=1, inner_lr=0.0, lambda_bt=0.0), RLOO_STD)
+    assert zero["outer_loss_after"] == pytest.approx(direct, rel=1e-12)
+    assert zero["step_length"] == 0.0 and zero["kl_after"] == pytest.approx(0.0, abs=1e-12)

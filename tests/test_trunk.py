@@ -164,3 +164,33 @@ def test_refused_setups():
         _policy(layers=1, trainable="full")
     with pytest.raises(UserError, match="not supported"):
         decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_dpo_loss_and_gradient_cached_equal_uncached(setup):
+    """The dpo baseline reads the pairs' frozen trunk (computed once with log pi_ref) instead of running the whole
+    network every step: same loss and gradient as the uncached path."""
+    from oodpl.data.records import PairRecord
+    from oodpl.dpo import batch_dpo_loss, build_preference_set
+
+    policy, _, _ = setup
+    pset = build_preference_set(policy, [PairRecord("d", p, c, r) for p, c, r in PAIRS])
+    assert pset.trunk_chosen is not None
+    plain = dataclasses.replace(pset, trunk_chosen=None, trunk_rejected=None, trunk_layer=None)
+    params = policy.trainable_parameters()
+    saved = {k: v.detach().clone() for k, v in params.items()}
+    try:
+        with torch.no_grad():
+            for k, v in _random_theta(policy).items():
+                params[k].copy_(v)
+        idx = list(range(len(pset)))
+        out = []
+        for ps in (pset, plain):
+            loss = batch_dpo_loss(policy, ps, idx, beta=0.5)
+            out.append((loss.detach(), torch.autograd.grad(loss, list(params.values()))))
+        assert abs(float(out[0][0] - out[1][0])) < 1e-10 * abs(float(out[1][0]))
+        for x, y in zip(out[0][1], out[1][1]):
+            assert y.norm() > 0 and _rel(x, y) < 1e-10
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                params[k].copy_(v)

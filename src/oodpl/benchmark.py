@@ -71,6 +71,7 @@ ALL_METHODS = ["reference", "erm-rm", "erm-rm-extra", "dpo", "oracle-rm", "gold-
 RM_METHODS = {"erm-rm", "erm-rm-extra", "oracle-rm"} | META_METHODS
 OPTIMISED = RM_METHODS | {"gold-reward"}  # methods that run the meta-test optimiser (one samples file per beta)
 BASELINES = ["erm-rm", "erm-rm-extra"]
+LEFT_OUT_DOMAINS = 3  # meta-train-pool domains left out of training that the diagnostic scores (at most)
 TUNED = {"erm-rm": "erm-rm", "erm-rm-extra": "erm-rm-extra", "dpo": "dpo"} | {m: "meta-rm" for m in META_METHODS}
 
 
@@ -213,6 +214,8 @@ class Benchmark:
                     units.append((s, f"train/{m}", lambda s=s, m=m: self.train_meta(s, m)))
             if "dpo" in self.methods:
                 units.append((s, "train/dpo", lambda s=s, pol=pol: self.train_dpo(s, pol)))
+            if META_METHODS & set(self.methods):
+                units.append((s, "diagnose/left-out", lambda s=s, pol=pol: self.left_out(s, pol)))
             sample_methods = list(dict.fromkeys(["reference"] + (["erm-rm"] if "erm-rm" in self.methods else [])
                                                 + self.methods)) if self.meta_tested(s) else []
             for m in sample_methods:
@@ -312,6 +315,38 @@ class Benchmark:
         atomic_write_json(self.sdir(s) / "dpo" / "train.json", {**stats, "beta": cfg.rloo.beta,
                                                                 "lr": cfg.benchmark.dpo_lr,
                                                                 "pairs": len(self.split.pooled_pairs())})
+
+    def left_out_split(self) -> DomainSplit:
+        """Meta-train-pool domains no method trains on (left out by data.max_domains), fixed once per run."""
+        from .data.split import left_out_split
+
+        path = self.dir / "left_out_split.json"
+        if not path.exists():
+            left_out_split(self.cfg.data, self.split, LEFT_OUT_DOMAINS).save(path)
+        return DomainSplit.load(path)
+
+    def left_out(self, s: int, pol: _SeedPolicy) -> None:
+        """Diagnostic (method.md, "Statistics and evidence"): on the left-out meta-train-pool domains, the outer loss
+        before and after each reward model's inner step (meta-rm's inner settings for every RM), the step's length
+        and KL, and the RM's pair accuracy on the domain's human query pairs. Uses no held-out domain."""
+        from .metatrain import build_query_sets, load_or_build_banks
+        from .selection import score_fold
+
+        split = self.left_out_split()
+        cfg = self.config(s, "meta-rm")
+        record = {"seed": s, "domains": sorted(split.meta_train), "inner_lr": cfg.meta.inner_lr,
+                  "inner_steps": cfg.meta.inner_steps, "draws": cfg.select.eval_draws, "methods": {}}
+        if split.meta_train:
+            policy = pol.get()
+            banks = load_or_build_banks(policy, split, cfg, self.sdir(s) / "left-out" / "bank", self.accelerator,
+                                        progress=False)
+            queries = build_query_sets(policy, split)
+            pad = policy.tokenizer.pad_token_id
+            for m in [m for m in self.methods if m in {"erm-rm", "erm-rm-extra"} | META_METHODS]:
+                rm = self.rm(self.rm_dir(s, m, ""))
+                record["methods"][m] = {d: score_fold(policy, rm, d, banks[d], queries[d], cfg, pad)
+                                        for d in record["domains"]}
+        atomic_write_json(self.sdir(s) / "left-out" / "scores.json", record)
 
     def reward_scale(self, method: str, s: int, d: str, reward) -> float:
         """The meta-test's fixed scale: the reward's spread on the shared pi_ref samples of the adaptation prompts."""
@@ -507,6 +542,7 @@ class Benchmark:
             "cells": cells,
             "samples_table": self.samples_table(domains),
             "diagnostics": self.diagnostics(domains),
+            "left_out": self.left_out_scores(),
             "meta_curves": self.meta_curves(),
             "selection": self.selection_summary(),
             "timings": self.timings(units, wall),
@@ -557,6 +593,11 @@ class Benchmark:
         if sel:
             out["left_out_meta_train_domains"] = sel.get("lodo_outer_loss", {})
         return out
+
+    def left_out_scores(self) -> list[dict]:
+        """The left-out diagnostic of every seed that ran it (see `left_out`)."""
+        paths = [self.sdir(s) / "left-out" / "scores.json" for s in self.seeds]
+        return [json.loads(p.read_text()) for p in paths if p.exists()]
 
     def meta_curves(self) -> dict:
         out: dict = {}

@@ -88,15 +88,19 @@ class PreferenceSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def select(self, idx: list[int], pad_id: int, rm: RewardModel) -> PreferenceBatch:
+    def policy_batch(self, idx: list[int], pad_id: int) -> SequenceBatch:
+        """Pairs `idx` for the policy: the chosen rows, then the rejected rows, with their frozen trunk attached."""
         p = [self.prompt_ids[i] for i in idx]
         batch = collate(p + p, [self.chosen_ids[i] for i in idx] + [self.rejected_ids[i] for i in idx], pad_id)
         if self.trunk_chosen is not None:
             attach_trunk(batch, [self.trunk_chosen[i] for i in idx] + [self.trunk_rejected[i] for i in idx],
                          self.trunk_layer)
+        return batch
+
+    def select(self, idx: list[int], pad_id: int, rm: RewardModel) -> PreferenceBatch:
         ref = torch.cat([self.ref_chosen[idx], self.ref_rejected[idx]])
         prompts = [self.prompts[i] for i in idx]
-        return PreferenceBatch(batch, ref, rm.encode(prompts, [self.chosen[i] for i in idx]),
+        return PreferenceBatch(self.policy_batch(idx, pad_id), ref, rm.encode(prompts, [self.chosen[i] for i in idx]),
                                rm.encode(prompts, [self.rejected[i] for i in idx]))
 
 
@@ -336,6 +340,19 @@ def gradient_term_norms(hyper: list[torch.Tensor], bt_term: list[torch.Tensor]) 
 @torch.no_grad()
 def _rewards(rm: RewardModel, task: DomainTask) -> list[torch.Tensor]:
     return [rm.forward_encoded(s.rm_encoding) for s in task.inner]
+
+
+def inner_step_effect(policy: Policy, rm: RewardModel, task: DomainTask, meta: MetaConfig,
+                      rloo: RLOOConfig) -> dict[str, float]:
+    """What the inner loop under r_phi does for one domain (no gradient; method.md, "Statistics and evidence"):
+    L_out at theta_0 (pi_ref) and at theta_K, the step's length ||theta_K - theta_0|| and the KL after it. A reward
+    model that generalises its meta-objective lowers L_out on domains it was not trained on."""
+    thetas, stats = inner_loop(policy, task, _rewards(rm, task), meta, rloo)
+    _after_step_stats(policy, task, thetas, stats, rloo.beta)
+    with torch.no_grad():
+        after = float(outer_loss(policy, thetas[-1], task.query, rloo.beta))
+    return {"outer_loss_before": stats[-1]["outer_loss_before"], "outer_loss_after": after,
+            "step_length": stats[-1]["step_length"], "kl_after": stats[-1]["kl_after"]}
 
 
 def meta_objective(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta: MetaConfig,

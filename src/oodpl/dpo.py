@@ -36,10 +36,8 @@ def build_preference_set(policy: Policy, pairs: list[PairRecord]) -> PreferenceS
 
 def _batch_logps(policy: Policy, pset: PreferenceSet, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_theta of the chosen and of the rejected responses of pairs `idx` (one forward pass over 2M rows)."""
-    pad = policy.tokenizer.pad_token_id
-    p = [pset.prompt_ids[i] for i in idx]
-    batch = collate(p + p, [pset.chosen_ids[i] for i in idx] + [pset.rejected_ids[i] for i in idx], pad)
-    logp = policy_logprobs(policy.model, batch)
+    # with a frozen trunk (policy.trainable_layers) the layers below the adapters ran once, when pset was built
+    logp = policy_logprobs(policy.model, pset.policy_batch(idx, policy.tokenizer.pad_token_id))
     M = len(idx)
     return logp[:M], logp[M:]
 

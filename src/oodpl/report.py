@@ -521,6 +521,67 @@ def _diagnostics_lines(results: dict) -> list[str]:
     return L + [""]
 
 
+LEFT_OUT_METRICS = {
+    "outer_loss_before": "outer loss on the domain's human query pairs at pi_ref, before the inner step",
+    "outer_loss_after": "the same after one inner step under the RM (mean over the drawn inner batches)",
+    "outer_loss_drop": "before - after: how far the RM's inner step moves the policy towards the domain's human "
+                       "preferences (the meta-objective meta-rm was trained to raise, on domains it never saw)",
+    "step_length": "length of the inner policy step",
+    "kl_after": "KL(pi_theta || pi_ref) after the step, on the step's pi_ref samples (nats)",
+    "pair_accuracy": "the RM's own accuracy on the domain's human query pairs",
+}
+
+
+def left_out_cells(results: dict) -> list[dict]:
+    """The left-out diagnostic as (seed, left-out domain, method) cells, for seed_level / paired_comparison."""
+    cells = []
+    for rec in results.get("left_out") or []:
+        for m, per in (rec.get("methods") or {}).items():
+            for d, v in per.items():
+                metrics = {k: v.get(k) for k in ("outer_loss_before", "step_length", "kl_after", "pair_accuracy")}
+                metrics["outer_loss_after"] = v.get("outer_loss")
+                if v.get("outer_loss") is not None and v.get("outer_loss_before") is not None:
+                    metrics["outer_loss_drop"] = v["outer_loss_before"] - v["outer_loss"]
+                cells.append({"seed": rec["seed"], "domain": d, "method": m, "metrics": metrics})
+    return cells
+
+
+def _left_out_lines(results: dict) -> list[str]:
+    recs = [r for r in results.get("left_out") or [] if r.get("domains")]
+    if not recs:
+        if results.get("left_out"):
+            return ["No meta-train-pool domain was left out of training (every non-held-out domain trains the "
+                    "methods), so the left-out diagnostic has nothing to score; set data.max_domains below the "
+                    "number of meta-train domains to leave some out.", ""]
+        return []
+    cells = {"cells": left_out_cells(results)}
+    methods = list(dict.fromkeys(c["method"] for c in cells["cells"]))
+    domains = sorted({d for r in recs for d in r["domains"]})
+    r0 = recs[0]
+    L = [f"Left-out meta-train domains ({', '.join(domains)}): domains of the task that no method trained on and "
+         f"that are not held out. Every RM takes the same inner step as meta-training (inner_lr {r0['inner_lr']:g}, "
+         f"{r0['inner_steps']} step(s), {r0['draws']} drawn inner batches of pi_ref samples per domain); the outer "
+         f"loss is scored on all of the domain's human query pairs. Mean over cells with the 95% t-interval over "
+         f"seeds of the domain-averaged value; n = cells (seed x left-out domain).", ""]
+    rows = []
+    for m in methods:
+        row = [m]
+        for k in LEFT_OUT_METRICS:
+            sl, digits = seed_level(cells, m, k), 4 if k.startswith("outer") else 3
+            row.append(f"{fmt_num(sl['mean'], digits)} {_interval(sl, digits)}")
+        row.append(seed_level(cells, m, "outer_loss_drop")["cells"])
+        rows.append(row)
+    L += _table(["method", *LEFT_OUT_METRICS, "n cells"], rows) + [""]
+    comps = [paired_comparison(cells["cells"], k, m, b) for k in ("outer_loss_drop", "pair_accuracy")
+             for m in methods if m not in ("erm-rm", "erm-rm-extra") for b in ("erm-rm", "erm-rm-extra")
+             if b in methods]
+    comps = [c for c in comps if c["n_cells"]]
+    if comps:
+        L += [comparison_table(comps), ""]
+    L += [f"- `{k}`: {v}." for k, v in LEFT_OUT_METRICS.items()]
+    return L + [""]
+
+
 def _selection_lines(results: dict) -> list[str]:
     sel = results.get("selection") or {}
     if not sel:
@@ -616,6 +677,9 @@ def render_report(results: dict, plots: list[str], directory: Path) -> str:
     L += ["## Samples side by side", ""]
     L += _samples_lines(results) or ["No samples table was recorded.", ""]
     L += ["## Diagnostics", ""] + _diagnostics_lines(results)
+    left = _left_out_lines(results)
+    if left:
+        L += ["### Outer loss on left-out meta-train domains", ""] + left
     L += ["## Selection", ""] + _selection_lines(results)
     L += ["## Data", ""] + _split_lines(results)
     L += ["## Timings", ""] + _timings_lines(results)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bilevel import DomainTask, meta_objective
+from .bilevel import DomainTask, inner_step_effect
 from .config import Config, dump_config, with_overrides
 from .data.split import DomainSplit, build_split
 from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
@@ -89,22 +89,25 @@ def folds(cfg: Config, names: list[str]) -> list[str]:
 
 
 def score_fold(policy, rm, name: str, bank, query, cfg: Config, pad: int) -> dict:
-    """outer_loss and pair_accuracy of r_phi on a left-out domain, averaged over `select.eval_draws` inner batches
-    (drawn as meta-training draws them, at steps past any run's end) and scored on all of its human query pairs."""
+    """What r_phi's inner step does on a left-out domain, averaged over `select.eval_draws` inner batches (drawn as
+    meta-training draws them, at steps past any run's end) and scored on all of its human query pairs: the outer loss
+    after the step (`outer_loss`, the selection criterion) and before it (at pi_ref), the step's length and KL, and
+    r_phi's pair accuracy on those pairs."""
     from .metatrain import draw_tasks
 
     meta = copy.deepcopy(cfg.meta)
     meta.lambda_bt = 0.0  # the policy-side meta-objective only: comparable across lambda_bt candidates
     q = query.select(list(range(len(query))), pad, rm)
-    losses = []
+    effects = []
     for j in range(cfg.select.eval_draws):
         [(_, inner, _)] = draw_tasks(1_000_003 + j, cfg, [name], {name: bank}, {name: query})
         samples = [bank.select(b, pad, rm) for b in inner]
-        losses.append(meta_objective(policy, rm, [DomainTask(name, samples, q)], meta, cfg.rloo))
+        effects.append(inner_step_effect(policy, rm, DomainTask(name, samples, q), meta, cfg.rloo))
     with torch.no_grad():
         acc = pair_accuracy(rm.forward_encoded(q.rm_chosen), rm.forward_encoded(q.rm_rejected))
-    return {"outer_loss": float(np.mean(losses)), "outer_loss_draws": losses, "pair_accuracy": float(acc),
-            "pairs": len(query)}
+    mean = {k: float(np.mean([e[k] for e in effects])) for k in effects[0]}
+    return {"outer_loss": mean.pop("outer_loss_after"), "outer_loss_draws": [e["outer_loss_after"] for e in effects],
+            **mean, "pair_accuracy": float(acc), "pairs": len(query)}
 
 
 class _Selection:

@@ -325,6 +325,29 @@ def split_records(task: str, pairs: list[PairRecord], prompts: list[PromptRecord
     return split
 
 
+def left_out_split(cfg: DataConfig, split: DomainSplit, limit: int = 3) -> DomainSplit:
+    """Domains of the task that are neither held out nor in `split`'s meta-train set (left out by
+    data.max_domains or data.meta_train_domains): up to `limit` of them (a seeded choice), dealt into support
+    prompts and query pairs exactly as meta-train domains are. They serve diagnostics only (does a reward model's
+    inner step lower the outer loss on meta-train-like domains no method was trained on); empty when none is left."""
+    pairs, prompts = load_records(cfg)
+    with_pairs = {p.domain for p in pairs} & {x.domain for x in prompts}
+    left = sorted(with_pairs - set(split.held_out) - set(split.meta_train))
+    random.Random(f"{cfg.seed}:left_out").shuffle(left)
+    out = DomainSplit(split.task, {}, {})
+    for name in left:
+        if len(out.meta_train) == limit:
+            break
+        sub = dataclasses.replace(cfg, meta_train_domains=[name], max_domains=None,
+                                  held_out_domains=sorted(split.held_out))
+        try:
+            out.meta_train[name] = split_records(split.task, pairs, prompts, sub).meta_train[name]
+        except UserError:  # too few prompts or pairs for the support / query sizes: not comparable, skip it
+            continue
+    out.meta_train = dict(sorted(out.meta_train.items()))
+    return out
+
+
 def build_split(cfg: DataConfig) -> DomainSplit:
     """Load the configured data and split it deterministically (given `cfg.seed`)."""
     pairs, prompts = load_records(cfg)
