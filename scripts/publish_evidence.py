@@ -40,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="a finished benchmark directory (with report.md)")
     ap.add_argument("--name", required=True, help="sentiment or knowledge: docs/results/evidence_NAME.md")
     ap.add_argument("--intro", default="", help="the README line above the table (what was run)")
-    ap.add_argument("--no-readme", action="store_true",
-                    help="copy the report and plots only (an ablation: no README block)")
     args = ap.parse_args(argv)
     run = Path(args.run)
     report = run / "report.md"
@@ -64,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(published, encoding="utf-8")
     tmp.replace(results / f"evidence_{args.name}.md")
 
-    if args.no_readme:
-        print(f"published {report} -> {results / f'evidence_{args.name}.md'} ({len(list(plots.iterdir()))} plots)")
-        return 0
     readme = ROOT / "README.md"
     text = readme.read_text(encoding="utf-8")
     pattern = re.compile(rf"<!-- evidence:{args.name} -->.*?<!-- /evidence:{args.name} -->", flags=re.S)

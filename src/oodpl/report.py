@@ -566,11 +566,11 @@ def _left_out_lines(results: dict) -> list[str]:
     rows = []
     for m in methods:
         row = [m]
-        for k in LEFT_OUT_METRICS:
-            sl, digits = seed_level(cells, m, k), 4 if k.startswith("outer") else 3
+        levels = {k: seed_level(cells, m, k) for k in LEFT_OUT_METRICS}
+        for k, sl in levels.items():
+            digits = 4 if k.startswith("outer") else 3
             row.append(f"{fmt_num(sl['mean'], digits)} {_interval(sl, digits)}")
-        row.append(seed_level(cells, m, "outer_loss_drop")["cells"])
-        rows.append(row)
+        rows.append(row + [levels["outer_loss_drop"]["cells"]])
     L += _table(["method", *LEFT_OUT_METRICS, "n cells"], rows) + [""]
     comps = [paired_comparison(cells["cells"], k, m, b) for k in ("outer_loss_drop", "pair_accuracy")
              for m in methods if m not in ("erm-rm", "erm-rm-extra") for b in ("erm-rm", "erm-rm-extra")

@@ -240,6 +240,14 @@ def _check_role_counts(domain: str, kind: str, counts: dict[str, int], available
         )
 
 
+def _meta_train_domain(name: str, dp: list[PairRecord], dx: list[PromptRecord], cfg: DataConfig) -> MetaTrainDomain:
+    """One domain's support prompts and query pairs (dealt by `_deal`; too little data is a UserError)."""
+    out = _deal(name, cfg.seed, dp, dx, {"support": cfg.support_size, "query": cfg.query_size}, {})
+    _check_role_counts(name, "meta-train", {"support": len(out["support"]), "query": len(out["query"])},
+                       (len(dp), len(dx)))
+    return MetaTrainDomain(name=name, support_prompts=out["support"], query_pairs=out["query"])
+
+
 def split_records(task: str, pairs: list[PairRecord], prompts: list[PromptRecord], cfg: DataConfig) -> DomainSplit:
     """Split already loaded records according to `cfg` (see the module docstring)."""
     pairs_by: dict[str, list[PairRecord]] = {}
@@ -299,11 +307,7 @@ def split_records(task: str, pairs: list[PairRecord], prompts: list[PromptRecord
 
     split = DomainSplit(task=task, meta_train={}, held_out={})
     for name in sorted(meta):
-        dp, dx = pairs_by[name], prompts_by[name]
-        out = _deal(name, cfg.seed, dp, dx, {"support": cfg.support_size, "query": cfg.query_size}, {})
-        _check_role_counts(name, "meta-train", {"support": len(out["support"]), "query": len(out["query"])},
-                           (len(dp), len(dx)))
-        split.meta_train[name] = MetaTrainDomain(name=name, support_prompts=out["support"], query_pairs=out["query"])
+        split.meta_train[name] = _meta_train_domain(name, pairs_by[name], prompts_by[name], cfg)
     for name in sorted(held):
         dp, dx = pairs_by.get(name, []), prompts_by[name]
         targets: dict[str, int | None] = {"adapt_prompts": cfg.adapt_prompts, "eval_prompts": cfg.eval_prompts}
@@ -331,17 +335,15 @@ def left_out_split(cfg: DataConfig, split: DomainSplit, limit: int = 3) -> Domai
     prompts and query pairs exactly as meta-train domains are. They serve diagnostics only (does a reward model's
     inner step lower the outer loss on meta-train-like domains no method was trained on); empty when none is left."""
     pairs, prompts = load_records(cfg)
-    with_pairs = {p.domain for p in pairs} & {x.domain for x in prompts}
-    left = sorted(with_pairs - set(split.held_out) - set(split.meta_train))
+    left = sorted({p.domain for p in pairs} & {x.domain for x in prompts} - set(split.held_out) - set(split.meta_train))
     random.Random(f"{cfg.seed}:left_out").shuffle(left)
     out = DomainSplit(split.task, {}, {})
     for name in left:
         if len(out.meta_train) == limit:
             break
-        sub = dataclasses.replace(cfg, meta_train_domains=[name], max_domains=None,
-                                  held_out_domains=sorted(split.held_out))
         try:
-            out.meta_train[name] = split_records(split.task, pairs, prompts, sub).meta_train[name]
+            out.meta_train[name] = _meta_train_domain(name, [p for p in pairs if p.domain == name],
+                                                      [x for x in prompts if x.domain == name], cfg)
         except UserError:  # too few prompts or pairs for the support / query sizes: not comparable, skip it
             continue
     out.meta_train = dict(sorted(out.meta_train.items()))
