@@ -19,8 +19,13 @@ import pytest
 
 import oodpl.benchmark as bm
 import oodpl.metatrain
-from oodpl.benchmark import ABLATIONS, ALL_METHODS, OPTIMISED, RM_METHODS
 from oodpl.cli import main
+from oodpl.methods import METHODS, REWARD_MODEL
+
+ABLATIONS = {n: m.overrides for n, m in METHODS.items() if m.overrides}
+ALL_METHODS = list(METHODS)
+OPTIMISED = {n for n, m in METHODS.items() if m.optimised}
+RM_METHODS = {n for n, m in METHODS.items() if m.output == REWARD_MODEL}
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny.yaml"
@@ -305,9 +310,9 @@ def test_importing_evaluate_and_selection_loads_no_benchmark():
     assert res.stdout.strip() == "False"
 
 
-def test_seed_config_takes_each_methods_choice_and_erm_extra_falls_back_to_meta_rm():
-    from oodpl.benchmark import seed_config
+def test_method_config_takes_each_methods_choice_and_erm_extra_falls_back_to_meta_rm():
     from oodpl.config import load_config
+    from oodpl.methods import method_config as seed_config
 
     cfg = load_config(CONFIG)
     only_meta = {"meta-rm": {"meta.outer_lr": 3.0e-5}}

@@ -32,6 +32,11 @@ def test_bradley_terry_by_hand():
 
 def test_pair_accuracy_ties_half():
     assert pair_accuracy(torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 2.0, 1.0])) == 0.625
+    # the one tie rule of oodpl (stats.TIE_TOL): differences below 1e-9 are ties, as in metrics.pair_accuracy
+    from oodpl.metrics import pair_accuracy as metric_accuracy
+
+    c, r = torch.tensor([1.0 + 1e-12, 1.0 + 1e-6], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    assert pair_accuracy(c, r) == metric_accuracy(c, r) == 0.75
 
 
 def test_dpo_loss_by_hand():

@@ -1,18 +1,9 @@
 """`oodpl benchmark`: every method x held-out domain x seed, then results.json (v2), results.csv, report.md and plots.
 
-Methods (cfg.benchmark.methods; method.md, "Baselines"), all with the same policy and reward backbones, the same
-meta-train pairs, the same meta-test optimiser (metatest.optimise_policy) and the same reward standardisation:
-
-    reference        pi_ref itself (no preference learning)
-    erm-rm           Bradley-Terry RM on the pooled meta-train query pairs, then meta-test
-    erm-rm-extra     the control that isolates the hypergradient: erm-rm trained further by BT alone with the same
-                     outer steps, meta-batches, query minibatches and learning rate as meta-training
-                     (metatrain.refine_by_bt)
-    dpo              DPO of the LoRA policy on the pooled meta-train query pairs; evaluated directly
-    oracle-rm        BT RM on the held-out domain's own oracle pairs (target labels: an upper bound), then meta-test
-    gold-reward      meta-test optimising the gold judge itself (an upper bound for generation quality)
-    meta-rm          this method: phi_0 = the seed's erm-rm, refined by the bilevel meta-training, then meta-test
-    meta-rm-bt0 / -k3 / -scratch / -raw   ablations: lambda_bt = 0; K = 3 (truncated); fresh head; raw rewards
+Methods (cfg.benchmark.methods) are defined once in methods.py (method.md, "Baselines"): reference, erm-rm,
+erm-rm-extra, dpo, oracle-rm, gold-reward, meta-rm and its ablations; each one's trainer is handed the run's split,
+the pairs it may use, its warm start and the seed's policy. All use the same policy and reward backbones, the same
+meta-train pairs, the same meta-test optimiser (metatest.optimise_policy) and the same reward standardisation.
 
 Seeds: cfg.benchmark.seeds; seed s sets cfg.seed = s (initialisation, sampling, minibatches) while data.seed stays
 fixed, so every seed sees the same domain split. Tuning: with benchmark.select, `oodpl select` first chooses each
@@ -54,64 +45,25 @@ from .data.split import DomainSplit, build_split
 from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
 from .evaluate import (agreement, dpo_pl, gold_scores, load_samples, load_shared_reference_samples, prompt_clusters,
                        references_for, rm_pl, rm_sample_scores, sample_metrics, shared_reference_samples)
+from . import methods as registry
 from .metatest import (adapt_reference_samples, eval_seed, judge_fn, meta_test_to_file, policy_samples_to_file,
                        reference_reward_scale, reward_model_fn)
-from .models import place
+from .models import PolicyAtInit, place
 from .runlog import MetricsLogger, seed_everything
 from .stats import interpolate_at_kl, matched_kl
 
-ABLATIONS = {
-    "meta-rm-bt0": {"meta.lambda_bt": 0.0},
-    "meta-rm-k3": {"meta.inner_steps": 3, "meta.hypergrad": "truncated"},
-    "meta-rm-scratch": {"meta.init": "scratch"},
-    "meta-rm-raw": {"rloo.reward_norm": "none"},
-}
-META_METHODS = {"meta-rm"} | set(ABLATIONS)
-ALL_METHODS = ["reference", "erm-rm", "erm-rm-extra", "dpo", "oracle-rm", "gold-reward", "meta-rm", *ABLATIONS]
-RM_METHODS = {"erm-rm", "erm-rm-extra", "oracle-rm"} | META_METHODS
-OPTIMISED = RM_METHODS | {"gold-reward"}  # methods that run the meta-test optimiser (one samples file per beta)
-BASELINES = ["erm-rm", "erm-rm-extra"]
 LEFT_OUT_DOMAINS = 3  # meta-train-pool domains left out of training that the diagnostic scores (at most)
-TUNED = {"erm-rm": "erm-rm", "erm-rm-extra": "erm-rm-extra", "dpo": "dpo"} | {m: "meta-rm" for m in META_METHODS}
 
 
 def _fmt_beta(b: float) -> str:
     return f"{b:g}"
 
 
-def seed_config(cfg: Config, seed: int, method: str | None = None, selected: dict | None = None) -> Config:
-    """The config of one seed and method: the method's leave-one-domain-out choice, then its ablation."""
-    selected = selected or {}
-    tuned = TUNED.get(method, "")
-    if tuned == "erm-rm-extra" and tuned not in selected:
-        # erm-rm-extra is meta-rm without the hypergradient: when only meta-rm was tuned, it takes meta-rm's choice
-        # (same keys), so the baseline is never left at a default the method was tuned away from
-        tuned = "meta-rm"
-    choice = selected.get(tuned, {})
-    c = with_overrides(cfg, {**choice, **ABLATIONS.get(method, {})}, where=f"select/{method}")
-    c.seed = seed
-    return c
+def _seed_policy(cfg: Config, accelerator) -> PolicyAtInit:
+    """The seed's policy (LoRA initialisation of that seed), loaded on first use and restored before each use."""
+    from .models import load_policy
 
-
-class _SeedPolicy:
-    """Per seed: one policy (LoRA init of that seed) whose initial trainable tensors are restored before each use."""
-
-    def __init__(self, cfg: Config, accelerator):
-        self.cfg, self.accelerator = cfg, accelerator
-        self._policy = None
-        self._init = None
-
-    def get(self):
-        from .models import load_policy
-
-        if self._policy is None:
-            self._policy = load_policy(self.cfg.policy, seed=self.cfg.seed)
-            place(self._policy, self.accelerator)
-            self._init = {k: v.detach().clone() for k, v in self._policy.trainable_parameters().items()}
-        with torch.no_grad():
-            for k, p in self._policy.trainable_parameters().items():
-                p.copy_(self._init[k])
-        return self._policy
+    return PolicyAtInit(loader=lambda: place(load_policy(cfg.policy, seed=cfg.seed), accelerator))
 
 
 class Benchmark:
@@ -119,17 +71,16 @@ class Benchmark:
         self.cfg = cfg
         self.dir = Path(output)
         self.progress = not cfg.quiet
-        unknown = [m for m in cfg.benchmark.methods if m not in ALL_METHODS]
+        unknown = [m for m in cfg.benchmark.methods if m not in registry.METHODS]
         if unknown:
-            raise UserError(f"benchmark.methods: unknown method {unknown[0]!r}; choose from {', '.join(ALL_METHODS)}")
+            raise UserError(f"benchmark.methods: unknown method {unknown[0]!r}; choose from "
+                            f"{', '.join(registry.METHODS)}")
         if not cfg.benchmark.methods:
             raise UserError("benchmark.methods is empty; list at least one method")
         if not cfg.benchmark.seeds:
             raise UserError("benchmark.seeds is empty; list at least one seed")
-        self.methods = list(dict.fromkeys(cfg.benchmark.methods))
-        needs_erm = {"erm-rm-extra"} | {m for m in META_METHODS if m != "meta-rm-scratch"}
-        if needs_erm & set(self.methods) and "erm-rm" not in self.methods:
-            self.methods.insert(0, "erm-rm")  # the warm start of erm-rm-extra and meta-rm (method.md, Init.)
+        # a warm start (erm-rm for erm-rm-extra and meta-rm, method.md "Initialisation") runs before its users
+        self.methods = registry.with_warm_starts(cfg.benchmark.methods)
         self.seeds = list(dict.fromkeys(cfg.benchmark.seeds))
         self.betas = list(cfg.meta_test.beta_test)
         self._gold_cache: dict[str, list[float]] = {}
@@ -159,14 +110,16 @@ class Benchmark:
         return k is None or self.seeds.index(seed) < k
 
     def sample_betas(self, method: str) -> list[float | None]:
-        return self.betas if method in OPTIMISED else [None]
+        return self.betas if registry.get(method).optimised else [None]
 
-    def rm_dir(self, seed: int, method: str, domain: str) -> Path | None:
-        if method == "oracle-rm":
-            return self.sdir(seed) / "oracle-rm" / domain / "reward_model"
-        if method in RM_METHODS:
-            return self.sdir(seed) / method / "reward_model"
-        return None
+    def train_dir(self, seed: int, method: str, domain: str | None = None) -> Path:
+        """Where a method's training run goes: seed-S/<method>/ (per-domain methods: seed-S/<method>/<domain>/)."""
+        return self.sdir(seed) / method / domain if registry.get(method).per_domain else self.sdir(seed) / method
+
+    def rm_dir(self, seed: int, method: str, domain: str | None = None) -> Path | None:
+        if registry.get(method).output != registry.REWARD_MODEL:
+            return None
+        return self.train_dir(seed, method, domain) / "reward_model"
 
     # ------------------------------------------------------------------------------------------------- caches
     def rm(self, path: Path):
@@ -188,7 +141,7 @@ class Benchmark:
         return self._gold_cache[key]
 
     def config(self, s: int, method: str | None = None) -> Config:
-        return seed_config(self.cfg, s, method, self.selected)
+        return registry.method_config(self.cfg, s, method, self.selected)
 
     # -------------------------------------------------------------------------------------------------- plan
     def plan(self) -> list[tuple[int, str, callable]]:
@@ -201,23 +154,17 @@ class Benchmark:
         for di, d in enumerate(domains):
             units.append((first, f"shared/{d}", lambda d=d, di=di: self.shared_samples(d, di)))
         for s in self.seeds:
-            pol = _SeedPolicy(self.config(s), self.accelerator)
-            if "erm-rm" in self.methods:
-                units.append((s, "train/erm-rm", lambda s=s: self.train_erm(s)))
-            if "erm-rm-extra" in self.methods:
-                units.append((s, "train/erm-rm-extra", lambda s=s: self.train_erm_extra(s)))
-            if "oracle-rm" in self.methods:
-                for d in domains:
-                    units.append((s, f"train/oracle-rm/{d}", lambda s=s, d=d: self.train_oracle(s, d)))
-            for m in self.methods:
-                if m in META_METHODS:
-                    units.append((s, f"train/{m}", lambda s=s, m=m: self.train_meta(s, m)))
-            if "dpo" in self.methods:
-                units.append((s, "train/dpo", lambda s=s, pol=pol: self.train_dpo(s, pol)))
-            if META_METHODS & set(self.methods):
+            pol = _seed_policy(self.config(s), self.accelerator)
+            for m in self.methods:  # warm starts come first (registry.with_warm_starts)
+                if registry.get(m).trainer is None:
+                    continue
+                for d in domains if registry.get(m).per_domain else [None]:
+                    units.append((s, f"train/{m}" + (f"/{d}" if d else ""),
+                                  lambda s=s, m=m, d=d, pol=pol: self.train(s, m, pol, d)))
+            if any(registry.get(m).bilevel for m in self.methods):
                 units.append((s, "diagnose/left-out", lambda s=s, pol=pol: self.left_out(s, pol)))
-            sample_methods = list(dict.fromkeys(["reference"] + (["erm-rm"] if "erm-rm" in self.methods else [])
-                                                + self.methods)) if self.meta_tested(s) else []
+            erm = [registry.ERM] if registry.ERM in self.methods else []  # win_rate_vs_erm needs its samples
+            sample_methods = list(dict.fromkeys(["reference"] + erm + self.methods)) if self.meta_tested(s) else []
             for m in sample_methods:
                 for di, d in enumerate(domains):
                     for b in self.sample_betas(m):
@@ -233,8 +180,9 @@ class Benchmark:
     def run_select(self) -> None:
         from .selection import select_hyperparameters
 
-        select_hyperparameters(seed_config(self.cfg, self.seeds[0]), self.dir / "select",
-                               methods=[m for m in self.methods if m in TUNED])
+        tuned = {registry.get(m).tuned_as for m in self.methods} - {None}
+        select_hyperparameters(registry.method_config(self.cfg, self.seeds[0]), self.dir / "select",
+                               methods=[m for m in registry.METHODS if m in tuned])
 
     def selection_summary(self) -> dict:
         """results.json "selection": per tuned method its criterion, folds, choice and one row per candidate (its
@@ -254,7 +202,7 @@ class Benchmark:
     def shared_samples(self, d: str, di: int) -> None:
         """The domain's shared pi_ref samples: for rm_gold_agreement (evaluation prompts, with gold scores) and for
         the meta-test reward scales (adaptation prompts). pi_ref does not depend on the seed: drawn once."""
-        policy = _SeedPolicy(self.config(self.seeds[0]), self.accelerator).get()
+        policy = _seed_policy(self.config(self.seeds[0]), self.accelerator).get()
         ho = self.split.held_out[d]
         shared_reference_samples(self.dir / "shared" / d / "agreement.json", policy,
                                  [p.prompt for p in ho.eval_prompts], self.cfg.eval.agreement_samples,
@@ -262,59 +210,22 @@ class Benchmark:
         adapt_reference_samples(self.dir / "shared" / d / "adapt_reference.json", policy,
                                 [p.prompt for p in ho.adapt_prompts], self.cfg, di)
 
-    def train_erm(self, s: int) -> None:
-        self._train_rm(s, "erm-rm", self.split.pooled_pairs(), self.sdir(s) / "erm-rm", "erm-rm")
-
-    def train_oracle(self, s: int, d: str) -> None:
-        pairs = self.split.held_out[d].oracle_pairs[: max(1, len(self.split.pooled_pairs()))]
-        if len(pairs) < 2:
-            raise UserError(f"held-out domain {d} has {len(pairs)} oracle pairs; oracle-rm needs at least 2")
-        self._train_rm(s, "erm-rm", pairs, self.sdir(s) / "oracle-rm" / d, f"oracle-rm {d}")
-
-    def _train_rm(self, s: int, method: str, pairs, directory: Path, what: str) -> None:
-        from .models import load_reward_model
-        from .rm_train import train_reward_model
-
-        cfg = self.config(s, method)
-        seed_everything(s)
-        rm = load_reward_model(cfg.reward, seed=s)
-        place(rm, self.accelerator)
-        stats = train_reward_model(rm, pairs, cfg.train_rm, seed=s, progress=False,
-                                   log=self.logger.child(f"seed-{s}/{what.replace(' ', '/')}").log)
-        rm.save(directory / "reward_model")
-        atomic_write_json(directory / "train.json", {"what": what, "pairs": len(pairs), "lr": cfg.train_rm.lr,
-                                                     **stats})
-
-    def train_erm_extra(self, s: int) -> None:
-        from .metatrain import refine_by_bt
-
-        refine_by_bt(self.config(s, "erm-rm-extra"), self.split, self.rm_dir(s, "erm-rm", ""),
-                     self.sdir(s) / "erm-rm-extra", progress=self.progress)
-
-    def train_meta(self, s: int, method: str) -> None:
-        from .metatrain import meta_train
-
-        cfg = self.config(s, method)
-        init = self.rm_dir(s, "erm-rm", "") if cfg.meta.init == "bt" else None
-        meta_train(cfg, self.sdir(s) / method, resume=True, init_reward_model=init)
-
-    def train_dpo(self, s: int, pol: _SeedPolicy) -> None:
-        from .dpo import save_trainable, train_dpo
-
-        cfg = self.config(s, "dpo")
-        seed_everything(s)
-        policy = pol.get()
-        stats = train_dpo(policy, self.split.pooled_pairs(), cfg.rloo.beta, cfg.benchmark.dpo_epochs,
-                          cfg.benchmark.dpo_lr, cfg.train_rm.batch_size, seed=s, progress=self.progress,
-                          log=self.logger.child(f"seed-{s}/dpo").log)
-        save_trainable(policy, self.sdir(s) / "dpo" / "policy_trainable.pt")
-        from .export import save_policy
-
-        save_policy(policy, self.sdir(s) / "dpo" / "policy", base_dir=self.dir / "policies" / "base_model",
-                    metadata={"method": "dpo", "seed": s})  # the aligned policy as a PEFT adapter directory
-        atomic_write_json(self.sdir(s) / "dpo" / "train.json", {**stats, "beta": cfg.rloo.beta,
-                                                                "lr": cfg.benchmark.dpo_lr,
-                                                                "pairs": len(self.split.pooled_pairs())})
+    def train(self, s: int, method: str, pol: PolicyAtInit, domain: str | None = None) -> None:
+        """One method's training for seed s (and held-out domain `domain` for per-domain methods), by its trainer
+        (methods.py), handed the run's split, the pairs it may use, its warm start and the seed's policy."""
+        m = registry.get(method)
+        pairs = self.split.pooled_pairs()
+        if m.per_domain:  # the held-out domain's own labels, at most as many as the pooled meta-train pairs
+            pairs = self.split.held_out[domain].oracle_pairs[: max(1, len(pairs))]
+            if len(pairs) < 2:
+                raise UserError(f"held-out domain {domain} has {len(pairs)} oracle pairs; {method} needs at least 2")
+        what = f"{method} {domain}" if domain else method
+        job = registry.TrainJob(self.config(s, method), self.train_dir(s, method, domain), pairs=pairs,
+                                split=self.split, init=self.rm_dir(s, m.warm_start) if m.warm_start else None,
+                                policy=pol.get, accelerator=self.accelerator, progress=self.progress, what=what,
+                                log=self.logger.child(f"seed-{s}/{what.replace(' ', '/')}").log,
+                                export_base=self.dir / "policies" / "base_model")
+        m.trainer(job)
 
     def left_out_split(self) -> DomainSplit:
         """Meta-train-pool domains no method trains on (left out by data.max_domains), fixed once per run."""
@@ -325,7 +236,7 @@ class Benchmark:
             left_out_split(self.cfg.data, self.split, LEFT_OUT_DOMAINS).save(path)
         return DomainSplit.load(path)
 
-    def left_out(self, s: int, pol: _SeedPolicy) -> None:
+    def left_out(self, s: int, pol: PolicyAtInit) -> None:
         """Diagnostic (method.md, "Statistics and evidence"): on the left-out meta-train-pool domains, the outer loss
         before and after each reward model's inner step (meta-rm's inner settings for every RM), the step's length
         and KL, and the RM's pair accuracy on the domain's human query pairs. Uses no held-out domain."""
@@ -342,8 +253,8 @@ class Benchmark:
                                         progress=False)
             queries = build_query_sets(policy, split)
             pad = policy.tokenizer.pad_token_id
-            for m in [m for m in self.methods if m in {"erm-rm", "erm-rm-extra"} | META_METHODS]:
-                rm = self.rm(self.rm_dir(s, m, ""))
+            for m in [m for m in self.methods if not registry.get(m).per_domain and self.rm_dir(s, m) is not None]:
+                rm = self.rm(self.rm_dir(s, m))
                 record["methods"][m] = {d: score_fold(policy, rm, d, banks[d], queries[d], cfg, pad)
                                         for d in record["domains"]}
         atomic_write_json(self.sdir(s) / "left-out" / "scores.json", record)
@@ -356,7 +267,7 @@ class Benchmark:
             self._scale_cache[key] = reference_reward_scale(reward, ref)
         return self._scale_cache[key]
 
-    def sample(self, s: int, pol: _SeedPolicy, method: str, d: str, di: int, beta: float | None) -> None:
+    def sample(self, s: int, pol: PolicyAtInit, method: str, d: str, di: int, beta: float | None) -> None:
         cfg = self.config(s, method)
         path = self.samples_path(s, method, d, beta)
         ho = self.split.held_out[d]
@@ -364,19 +275,20 @@ class Benchmark:
         info = {"method": method, "domain": d, "seed": s}
         seed_everything(s)
         policy = pol.get()
-        if method == "reference":
+        output = registry.get(method).output
+        if output == registry.REFERENCE:
             policy.reset_to_reference()
             policy_samples_to_file(path, policy, eval_prompts, cfg, eval_seed(s, di), info)
             return
-        if method == "dpo":
+        if output == registry.POLICY:
             from .dpo import load_trainable
 
-            load_trainable(policy, self.sdir(s) / "dpo" / "policy_trainable.pt")
+            load_trainable(policy, self.train_dir(s, method) / "policy_trainable.pt")
             policy_samples_to_file(path, policy, eval_prompts, cfg, eval_seed(s, di), {**info, "dpo_beta":
                                                                                         cfg.rloo.beta})
             return
         gold = judge_fn(self.judge, self.refs_adapt[d])  # the meta-test's per-step gold reward (monitoring)
-        reward = gold if method == "gold-reward" else reward_model_fn(self.rm(self.rm_dir(s, method, d)))
+        reward = gold if output == registry.GOLD else reward_model_fn(self.rm(self.rm_dir(s, method, d)))
         scale = self.reward_scale(method, s, d, reward)
         meta_test_to_file(path, policy, [p.prompt for p in ho.adapt_prompts], eval_prompts, reward, cfg, beta,
                           s * 1000 + di, eval_seed(s, di), info, scale, progress=self.progress,
@@ -388,7 +300,7 @@ class Benchmark:
         save_policy(policy, self.sdir(s) / "policies" / method / d / f"beta_{beta:g}",
                     base_dir=self.dir / "policies" / "base_model", metadata={**info, "beta_test": beta})
 
-    def evaluate(self, s: int, pol: _SeedPolicy, method: str, d: str) -> None:
+    def evaluate(self, s: int, pol: PolicyAtInit, method: str, d: str) -> None:
         """One (seed, domain, method) cell: metrics, n, per-unit values and the frontier (matched KL: collect)."""
         cfg = self.config(s, method)
         ho = self.split.held_out[d]
@@ -402,8 +314,8 @@ class Benchmark:
         tested = self.meta_tested(s)
         if tested:
             ref_gold = self.gold(self.samples_path(s, "reference", d, None), d)
-            erm_gold = (self.gold(self.samples_path(s, "erm-rm", d, self.betas[0]), d)
-                        if "erm-rm" in self.methods else None)
+            erm_gold = (self.gold(self.samples_path(s, registry.ERM, d, self.betas[0]), d)
+                        if registry.ERM in self.methods else None)
         for b in self.sample_betas(method) if tested else []:
             path = self.samples_path(s, method, d, b)
             samples, record = load_samples(path)
@@ -422,11 +334,11 @@ class Benchmark:
             spread = self.reward_scale(method, s, d, reward_model_fn(rm))  # diagnostics: s on pi_ref samples
             pl = rm_pl(rm, ho.eval_pairs)
             agr = agreement(rm_sample_scores(rm, shared), shared_gold, shared.prompts)
-        elif method == "dpo":
+        elif registry.get(method).output == registry.POLICY:
             from .dpo import implicit_reward_on_samples, load_trainable
 
             policy = pol.get()
-            load_trainable(policy, self.sdir(s) / "dpo" / "policy_trainable.pt")
+            load_trainable(policy, self.train_dir(s, method) / "policy_trainable.pt")
             pl = dpo_pl(policy, ho.eval_pairs, cfg.rloo.beta)
             agr = agreement(implicit_reward_on_samples(policy, shared, cfg.rloo.beta), shared_gold, shared.prompts)
         for key, part in (("pl_accuracy", pl), ("rm_gold_agreement", agr)):
@@ -522,10 +434,12 @@ class Benchmark:
         for s in self.seeds:
             for d in domains:
                 recs = {m: json.loads((self.sdir(s) / "eval" / m / f"{d}.json").read_text()) for m in self.methods}
-                optimised = [recs[m]["frontier"] for m in recs if m in RM_METHODS - {"oracle-rm"}]
+                # the frontiers of the competing reward models (not the upper bounds) define the matched KL
+                optimised = [recs[m]["frontier"] for m in recs if registry.get(m).output == registry.REWARD_MODEL
+                             and not registry.get(m).target_labels]
                 target = matched_kl(*optimised) if len(optimised) >= 2 else None
                 for m, rec in recs.items():
-                    at = interpolate_at_kl(rec["frontier"], target) if m in OPTIMISED and target is not None \
+                    at = interpolate_at_kl(rec["frontier"], target) if registry.get(m).optimised and target is not None \
                         else None
                     rec["metrics"]["gold_at_matched_kl"] = at
                     rec["matched_kl"] = target
@@ -535,7 +449,7 @@ class Benchmark:
             "config": self.cfg.to_dict(),
             "seeds": self.seeds,
             "methods": self.methods,
-            "baselines": [b for b in BASELINES if b in self.methods],
+            "baselines": [b for b in registry.BASELINES if b in self.methods],
             "split": self.split.summary(),
             "domains": domains,
             "betas": self.betas,
@@ -575,7 +489,7 @@ class Benchmark:
         out: dict = {}
         for s in self.seeds:
             for m in self.methods:
-                if m not in META_METHODS:
+                if not registry.get(m).bilevel:
                     continue
                 rows = _read_jsonl(self.sdir(s) / m / "metrics.jsonl")
                 entry = {k: [r.get(k) for r in rows] for k in ("grad_ratio", "inner_step_length", "inner_kl",
@@ -583,9 +497,10 @@ class Benchmark:
                 entry = {k: v for k, v in entry.items() if any(x is not None for x in v)}  # logged by this version
                 spread = {}
                 for d in domains:
+                    start = registry.get(m).warm_start  # phi_0
                     cell = {w: json.loads((self.sdir(s) / "eval" / w / f"{d}.json").read_text())
-                            for w in ("erm-rm", m) if w in self.methods}
-                    spread[d] = {"before": cell.get("erm-rm", {}).get("reward_spread_ref"),
+                            for w in (start, m) if w in self.methods}
+                    spread[d] = {"before": cell.get(start, {}).get("reward_spread_ref"),
                                  "after": cell[m].get("reward_spread_ref")}
                 entry["reward_spread_ref"] = spread
                 out.setdefault(f"seed-{s}", {})[m] = entry
@@ -603,7 +518,7 @@ class Benchmark:
         out: dict = {}
         for s in self.seeds:
             for m in self.methods:
-                if m in META_METHODS or m == "erm-rm-extra":
+                if registry.get(m).has_outer_steps:
                     rows = _read_jsonl(self.sdir(s) / m / "metrics.jsonl")
                     keep = ("step", "outer_loss", "bt_loss", "query_accuracy", "grad_ratio", "inner_kl")
                     out.setdefault(f"seed-{s}", {})[m] = [{k: r[k] for k in keep if k in r} for r in rows]

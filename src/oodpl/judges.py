@@ -35,7 +35,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 from oodpl.errors import UserError, atomic_directory, write_failed
 
-TIE_TOL = 1e-9  # same tie rule as oodpl.metrics
+from oodpl.stats import TIE_TOL  # the one tie rule (metrics, stats, objectives.pair_accuracy)
 
 
 @runtime_checkable

@@ -109,14 +109,12 @@ def initial_reward_model(cfg: Config, split: DomainSplit, run_dir: Path, init_re
         return load_reward_model(cfg.reward, seed=cfg.seed)
     path = Path(init_reward_model) if init_reward_model else run_dir / "init_reward_model"
     if init_reward_model is None and not (path / "config.json").exists():
-        from .rm_train import train_reward_model
+        from .rm_train import fit_reward_model
 
         # every process takes part: train_reward_model is data-parallel, and its collectives would hang a call from
         # the main process alone under DDP / DeepSpeed. Its own Accelerator: accelerate ties one DeepSpeed engine
         # to an Accelerator, and the run's is meta-training's. The main process saves the result.
-        seed_everything(cfg.seed)
-        rm = load_reward_model(cfg.reward, seed=cfg.seed)
-        train_reward_model(rm, split.pooled_pairs(), cfg.train_rm, seed=cfg.seed, progress=False)
+        rm, _ = fit_reward_model(cfg, split.pooled_pairs(), seed=cfg.seed)
         if accelerator.is_main_process:
             rm.save(path)
         accelerator.wait_for_everyone()
@@ -127,21 +125,30 @@ def initial_reward_model(cfg: Config, split: DomainSplit, run_dir: Path, init_re
 
 
 def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerator=None,
-               stop_after: int | None = None, init_reward_model: str | Path | None = None) -> dict:
+               stop_after: int | None = None, init_reward_model: str | Path | None = None,
+               split: DomainSplit | None = None, policy: Policy | None = None,
+               banks: dict[str, SampleBank] | None = None) -> dict:
     """Meta-train r_phi over the split's meta-train domains; returns a summary. `stop_after` ends the process's work
     after that many outer steps of this call (tests use it to simulate interruptions); `init_reward_model`: phi_0
     for meta.init=bt (see initial_reward_model).
+
+    Inputs the caller already holds are handed in rather than rebuilt: `split` (default: OUTPUT/split.json of a run
+    being resumed, else built from cfg.data), `policy` at its LoRA initialisation (default: loaded from cfg.policy
+    with cfg.seed) and `banks`, pi_ref sample banks of the split's meta-train domains (default: OUTPUT/bank/, built
+    once).
 
     The output directory is locked for the whole run (a second process on it exits with one line naming this one's
     pid); a start that fails (bad data, model, checkpoint, ...) removes what it created (errors.claim_run_dir)."""
     accelerator = accelerator or make_accelerator()
     with claim_run_dir(output, "meta-train", cfg.fingerprint(), enabled=accelerator.is_main_process) as claim:
         accelerator.wait_for_everyone()
-        return _meta_train(cfg, Path(output), claim, resume, accelerator, stop_after, init_reward_model)
+        return _meta_train(cfg, Path(output), claim, resume, accelerator, stop_after, init_reward_model, split,
+                           policy, banks)
 
 
 def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accelerator, stop_after: int | None,
-                init_reward_model: str | Path | None) -> dict:
+                init_reward_model: str | Path | None, split: DomainSplit | None, policy: Policy | None,
+                banks: dict[str, SampleBank] | None) -> dict:
     main = accelerator.is_main_process
     progress = not cfg.quiet and main
     final_dir = run_dir / "reward_model"
@@ -153,24 +160,23 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
                         "another --output")
     seed_everything(cfg.seed)
     split_path = run_dir / "split.json"
-    if split_path.exists():
-        split = DomainSplit.load(split_path)
-    else:
-        split = build_split(cfg.data)
-        if main:
-            split.save(split_path)
-            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    if split is None:
+        split = DomainSplit.load(split_path) if split_path.exists() else build_split(cfg.data)
+    if main and not split_path.exists():
+        split.save(split_path)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     if len(split.meta_train) == 0:
         raise UserError("the split has no meta-train domains; check data.meta_train_domains / held_out_domains")
 
     timings: dict[str, float] = {}
     with phase(timings, "load_models"):
-        policy = load_policy(cfg.policy, seed=cfg.seed)
+        if policy is None:
+            policy = place(load_policy(cfg.policy, seed=cfg.seed), accelerator)
         rm = initial_reward_model(cfg, split, run_dir, init_reward_model, accelerator)
-        place(policy, accelerator)
         place(rm, accelerator)
     with phase(timings, "sample_bank"):
-        banks = load_or_build_banks(policy, split, cfg, run_dir / "bank", accelerator, progress)
+        if banks is None:
+            banks = load_or_build_banks(policy, split, cfg, run_dir / "bank", accelerator, progress)
     with phase(timings, "query_sets"):
         queries = build_query_sets(policy, split)
     names = sorted(split.meta_train)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .stats import TIE_TOL, t_quantile
+from .stats import TIE_TOL, t_interval, t_quantile
 from .stats import as_1d as _as_1d
 
 
@@ -65,21 +65,12 @@ def win_rate(scores_a: Any, scores_b: Any) -> float | None:
 
 
 def mean_ci95(values: Any) -> dict:
-    """Mean with a two-sided 95% confidence interval: mean +- t_{0.975, n-1} * s / sqrt(n), s with ddof=1.
+    """Mean with a two-sided 95% Student-t interval: stats.t_interval (the one interval of oodpl), without its sd.
 
-    Student-t quantiles (table for n-1 <= 30, Cornish-Fisher beyond) keep small samples honest. n=1 gives the
-    degenerate interval [mean, mean] (no spread can be estimated); n=0 gives mean/low/high None.
-    Returns {"mean", "low", "high", "n"}.
-    """
-    a = _as_1d(values, "values")
-    n = int(a.size)
-    if n == 0:
-        return {"mean": None, "low": None, "high": None, "n": 0}
-    m = float(a.mean())
-    if n == 1:
-        return {"mean": m, "low": m, "high": m, "n": 1}
-    half = t_quantile_975(n - 1) * float(a.std(ddof=1)) / math.sqrt(n)
-    return {"mean": m, "low": m - half, "high": m + half, "n": n}
+    n = 1 has no interval (low/high None: no spread can be estimated); n = 0 has no mean either.
+    Returns {"mean", "low", "high", "n"}."""
+    ci = t_interval(values, conf=0.95)
+    return {k: ci[k] for k in ("mean", "low", "high", "n")}
 
 
 def pair_correct(chosen_scores: Any, rejected_scores: Any) -> list[float]:

@@ -273,6 +273,30 @@ class Policy:
                         p.zero_()
 
 
+class PolicyAtInit:
+    """One loaded policy handed to every stage that trains or scores it (the benchmark's per-seed policy, `oodpl
+    select`'s): `get()` returns it with its trainable tensors restored to their values at load time (the seed's LoRA
+    initialisation), so no stage sees what an earlier one trained, whatever their order. `loader` defers the load to
+    the first `get()`."""
+
+    def __init__(self, policy: "Policy | None" = None, loader=None):
+        self._policy, self._loader = policy, loader
+        self._init = None if policy is None else self._snapshot(policy)
+
+    @staticmethod
+    def _snapshot(policy: "Policy") -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in policy.trainable_parameters().items()}
+
+    def get(self) -> "Policy":
+        if self._policy is None:
+            self._policy = self._loader()
+            self._init = self._snapshot(self._policy)
+        with torch.no_grad():
+            for k, p in self._policy.trainable_parameters().items():
+                p.copy_(self._init[k])
+        return self._policy
+
+
 def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .stats import TIE_TOL
+
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(input_ids[t] | input_ids[<t]) for t >= 1; shape [N, T-1]. gather - logsumexp avoids a full log_softmax."""
@@ -25,9 +27,10 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
 
 
 def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
-    """Fraction of pairs with r(y_w) > r(y_l); exact ties count one half."""
-    diff = r_chosen - r_rejected
-    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+    """Fraction of pairs with r(y_w) > r(y_l); a tie (|difference| < stats.TIE_TOL, the one tie rule) counts one half."""
+    diff = (r_chosen - r_rejected).double()
+    tie = diff.abs() < TIE_TOL
+    return float(torch.where(tie, 0.5, (diff > 0).double()).mean())
 
 
 def dpo_loss(

@@ -58,6 +58,21 @@ def accuracy_by_domain(rm: RewardModel, pairs: list[PairRecord]) -> dict[str, fl
     return {d: pair_accuracy(rc[idx], rr[idx]) for d, idx in sorted(out.items())}
 
 
+def fit_reward_model(cfg, pairs: list[PairRecord], seed: int, place_on=None, accelerator=None,
+                     progress: bool = False, log=None) -> tuple[RewardModel, dict]:
+    """THE Bradley-Terry fit of oodpl (erm-rm, oracle-rm, the warm start of meta-training, `oodpl select`'s folds,
+    `oodpl train-rm`): a fresh reward model of cfg.reward (seeded), placed on `place_on`'s device, trained by
+    train_reward_model with cfg.train_rm. Returns the model and the training stats."""
+    from .models import load_reward_model, place
+    from .runlog import seed_everything
+
+    seed_everything(seed)
+    rm = load_reward_model(cfg.reward, seed=seed)
+    place(rm, place_on)
+    stats = train_reward_model(rm, pairs, cfg.train_rm, seed=seed, accelerator=accelerator, progress=progress, log=log)
+    return rm, stats
+
+
 def train_reward_model(rm: RewardModel, pairs: list[PairRecord], cfg: TrainRMConfig, seed: int = 0,
                        accelerator=None, progress: bool = True, log=None) -> dict:
     """Minimise BT(r_phi; pairs) with AdamW; returns {"steps", "train_loss", "seconds"}. `log(step, dict)` is called

@@ -29,36 +29,42 @@ import copy
 import itertools
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import methods as registry
 from .bilevel import DomainTask, inner_step_effect
 from .config import Config, dump_config, with_overrides
 from .data.split import DomainSplit, build_split
 from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
-from .models import place
+from .models import PolicyAtInit, place
 from .objectives import pair_accuracy
 
 CRITERIA = {"outer_loss": min, "pair_accuracy": max}
-TUNABLE = ["erm-rm", "erm-rm-extra", "meta-rm", "dpo"]  # in selection order
+
+
+def tunable() -> list[str]:
+    """The methods with their own grid, in selection order: the registry's, where a warm start (erm-rm) comes before
+    its users (erm-rm-extra and meta-rm start from the fold's erm-rm trained with erm-rm's chosen settings)."""
+    return registry.names(lambda m: m.tunable)
 
 
 def method_grids(cfg: Config, methods: list[str] | None = None) -> dict[str, dict[str, list]]:
     grids = {m: dict(g) for m, g in cfg.select.grids.items()}
     if cfg.select.grid and "meta-rm" not in grids:
         grids["meta-rm"] = dict(cfg.select.grid)
+    order = tunable()
     for m in grids:
-        if m not in TUNABLE:
-            raise UserError(f"select.grids: {m!r} is not a tuned method; choose from {', '.join(TUNABLE)}")
+        if m not in order:
+            raise UserError(f"select.grids: {m!r} is not a tuned method; choose from {', '.join(order)}")
     if methods is not None:
         grids = {m: g for m, g in grids.items() if m in methods}
     if not grids:
         raise UserError("select.grids is empty; give candidate values, e.g. --set 'select.grids={meta-rm: "
                         "{meta.outer_lr: [1e-4, 3e-4]}, erm-rm: {train_rm.lr: [1e-4, 3e-4]}}'")
-    return {m: grids[m] for m in TUNABLE if m in grids}
+    return {m: grids[m] for m in order if m in grids}
 
 
 def candidates(cfg: Config, grid: dict[str, list] | None = None) -> list[dict]:
@@ -123,8 +129,8 @@ class _Selection:
         self.left_out = folds(cfg, self.names)
         self.accelerator = make_accelerator()
         self.progress = not cfg.quiet
-        self.policy = load_policy(cfg.policy, seed=cfg.seed)
-        place(self.policy, self.accelerator)
+        self.policy_at_init = PolicyAtInit(place(load_policy(cfg.policy, seed=cfg.seed), self.accelerator))
+        self.policy = self.policy_at_init.get()
         self.pad = self.policy.tokenizer.pad_token_id
         self.banks = load_or_build_banks(self.policy, split, cfg, out / "bank", self.accelerator, self.progress)
         self.queries = build_query_sets(self.policy, split, self.left_out)  # log pi_ref of the scored domains, once
@@ -133,82 +139,53 @@ class _Selection:
     def fold_pairs(self, d: str):
         return [p for n in self.names if n != d for p in self.split.meta_train[n].query_pairs]
 
-    def fold_config(self, c: Config, d: str) -> Config:
-        fc = copy.deepcopy(c)
-        fc.data.meta_train_domains = [n for n in self.names if n != d]
-        fc.data.max_domains = None
-        fc.quiet = True
-        return fc
-
     def fold_split(self, d: str) -> DomainSplit:
         return DomainSplit(self.split.task, {n: v for n, v in self.split.meta_train.items() if n != d}, {})
 
     def init_rm(self, d: str) -> Path:
         """The fold's erm-rm with erm-rm's chosen settings: the warm start of erm-rm-extra and meta-rm."""
-        path = self.out / "init" / f"fold-{d}" / "reward_model"
-        if not (path / "config.json").exists():
-            self.train_bt(with_overrides(self.cfg, self.best.get("erm-rm", {}), where="select"), d, path)
-        return path
+        path = self.out / "init" / f"fold-{d}"
+        if not (path / "reward_model" / "config.json").exists():
+            c = with_overrides(self.cfg, self.best.get(registry.ERM, {}), where="select")
+            registry.train_bt(self.fold_job(c, d, path))
+        return path / "reward_model"
 
-    def train_bt(self, c: Config, d: str, path: Path) -> None:
-        from .models import load_reward_model
-        from .rm_train import train_reward_model
-        from .runlog import seed_everything
-
-        seed_everything(c.seed)
-        rm = load_reward_model(c.reward, seed=c.seed)
-        place(rm, self.accelerator)
-        train_reward_model(rm, self.fold_pairs(d), c.train_rm, seed=c.seed, progress=False)
-        rm.save(path)
+    def fold_job(self, c: Config, d: str, run: Path, warm_start: str | None = None) -> registry.TrainJob:
+        """The fold's inputs: everything but domain d (its pairs, its meta-train domains and their shared banks)."""
+        return registry.TrainJob(c, run, pairs=self.fold_pairs(d), split=self.fold_split(d),
+                                 init=self.init_rm(d) if warm_start else None, policy=self.policy_at_init.get,
+                                 banks={n: b for n, b in self.banks.items() if n != d}, accelerator=self.accelerator,
+                                 what=f"fold {d}")
 
     def run_fold(self, method: str, c: Config, d: str, run: Path) -> dict:
-        """Train `method` with candidate config `c` without domain d, score it on d."""
-        from .metatrain import meta_train, refine_by_bt
+        """Train `method` with candidate config `c` without domain d (its own trainer, as the benchmark trains it),
+        then score it on d by what it outputs: a reward model's inner step and pair accuracy, a policy's DPO loss."""
         from .models import load_reward_checkpoint
 
-        if method == "dpo":
-            return self.dpo_fold(c, d, run)
-        if method == "erm-rm":
-            self.train_bt(c, d, run / "reward_model")
-            path = run / "reward_model"
-        elif method == "erm-rm-extra":
-            path = Path(refine_by_bt(c, self.fold_split(d), self.init_rm(d), run)["reward_model"])
-        else:
-            fc = self.fold_config(c, d)
-            init = self.init_rm(d) if fc.meta.init == "bt" else None
-            with claim_run_dir(run, "meta-train", fc.fingerprint()) as claim:  # bank copied in, then meta_train
-                claim.commit()
-                (run / "bank").mkdir(parents=True, exist_ok=True)
-                for n in fc.data.meta_train_domains:  # reuse the shared bank instead of regenerating it
-                    if not (run / "bank" / f"{n}.pt").exists():
-                        shutil.copyfile(self.out / "bank" / f"{n}.pt", run / "bank" / f"{n}.pt")
-            summary = meta_train(fc, run, resume=(run / "checkpoints" / "latest").exists(),
-                                 accelerator=self.accelerator, init_reward_model=init)
-            path = Path(summary["reward_model"])
-        rm = load_reward_checkpoint(path, self.cfg.reward)
+        m = registry.get(method)
+        c = copy.deepcopy(c)
+        c.quiet = True
+        m.trainer(self.fold_job(c, d, run, m.warm_start))
+        if m.output == registry.POLICY:
+            return self.score_policy(c, d)
+        rm = load_reward_checkpoint(run / "reward_model", self.cfg.reward)
         place(rm, self.accelerator)
-        return score_fold(self.policy, rm, d, self.banks[d], self.queries[d], c, self.pad)
+        return score_fold(self.policy_at_init.get(), rm, d, self.banks[d], self.queries[d], c, self.pad)
 
-    def dpo_fold(self, c: Config, d: str, run: Path) -> dict:
-        from .dpo import evaluate_dpo_loss, implicit_reward_scores, save_trainable, train_dpo
-        from .runlog import seed_everything
+    def score_policy(self, c: Config, d: str) -> dict:
+        from .dpo import evaluate_dpo_loss, implicit_reward_scores
 
-        seed_everything(c.seed)
-        self.policy.reset_to_reference()
-        train_dpo(self.policy, self.fold_pairs(d), c.rloo.beta, c.benchmark.dpo_epochs, c.benchmark.dpo_lr,
-                  c.train_rm.batch_size, seed=c.seed, progress=False)
-        save_trainable(self.policy, run / "policy_trainable.pt")
         pairs = self.split.meta_train[d].query_pairs
         rc, rr = implicit_reward_scores(self.policy, pairs, c.rloo.beta)
         loss = evaluate_dpo_loss(self.policy, self.queries[d], c.rloo.beta)
-        self.policy.reset_to_reference()
         return {"outer_loss": loss, "pair_accuracy": pair_accuracy(rc, rr), "pairs": len(pairs)}
 
     def select(self, method: str, grid: dict[str, list]) -> dict:
         results = []
         for i, overrides in enumerate(candidates(self.cfg, grid)):
-            c = with_overrides(with_overrides(self.cfg, self.best.get("erm-rm", {}), where="select")
-                               if method != "erm-rm" else self.cfg, overrides, where="select.grids")
+            base = self.cfg if method == registry.ERM else with_overrides(self.cfg, self.best.get(registry.ERM, {}),
+                                                                                          where="select")
+            c = with_overrides(base, overrides, where="select.grids")
             per_fold = {}
             for d in self.left_out:
                 run = self.out / method / f"candidate-{i}" / f"fold-{d}"

@@ -1,0 +1,230 @@
+"""Every method of the benchmark, defined once (method.md, "Baselines"): what it produces, how it trains, what it is
+warm-started from, which settings it fixes and whose tuned settings it takes. `oodpl benchmark`, `oodpl select` and
+`oodpl train-rm --method` read these definitions and nothing else; adding a method is one `Method(...)` entry below
+plus its trainer (a function of a `TrainJob`).
+
+    output          what the method yields and how it is scored
+      reference     pi_ref itself (its samples only)
+      reward-model  a reward model: PL accuracy / RM-gold agreement, then the meta-test optimiser on held-out domains
+      policy        an aligned policy (dpo): its implicit reward is scored, its samples evaluated directly
+      gold          the gold judge as the reward of the meta-test (an upper bound for generation quality)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import UserError, atomic_write_json
+
+REFERENCE, REWARD_MODEL, POLICY, GOLD = "reference", "reward-model", "policy", "gold"
+
+
+@dataclass
+class TrainJob:
+    """What a trainer is handed: every input, never rebuilt from the config.
+
+    `pairs` are the labelled pairs the method may train on (the pooled meta-train pairs; a held-out domain's oracle
+    pairs for oracle-rm), `split` the meta-train domains (support prompts, query pairs) the bilevel and control
+    trainers draw from, `init` the warm-start reward model directory, `policy()` the seed's policy at its LoRA
+    initialisation (loaded once per seed by the caller), `banks` pi_ref sample banks already built for `split`'s
+    domains (None: the trainer builds them under `output`)."""
+
+    cfg: Config
+    output: Path
+    pairs: list = field(default_factory=list)
+    split: Any = None  # data.split.DomainSplit
+    init: Path | None = None
+    policy: Callable[[], Any] | None = None
+    banks: dict | None = None
+    accelerator: Any = None
+    log: Callable[[int, dict], None] | None = None
+    progress: bool = False
+    what: str = ""  # how the run is named in train.json and the trackers
+    export_base: Path | None = None  # policy methods: where the base model of the saved PEFT adapter goes
+    data_parallel: bool = False  # reward-model fits run data-parallel on `accelerator` (`oodpl train-rm`)
+
+    @property
+    def main_process(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def reward_model_dir(self) -> Path:
+        return self.output / "reward_model"
+
+
+Trainer = Callable[[TrainJob], None]
+
+
+# ---------------------------------------------------------------------------------------------------------- trainers
+def train_bt(job: TrainJob) -> None:
+    """Ordinary Bradley-Terry RM on job.pairs (erm-rm, oracle-rm): OUTPUT/reward_model, OUTPUT/train.json."""
+    from .rm_train import fit_reward_model
+
+    rm, stats = fit_reward_model(job.cfg, job.pairs, seed=job.cfg.seed, place_on=job.accelerator,
+                                 accelerator=job.accelerator if job.data_parallel else None,
+                                 progress=job.progress and job.data_parallel, log=job.log)
+    if job.main_process:
+        rm.save(job.reward_model_dir)
+        atomic_write_json(job.output / "train.json", {"what": job.what, "pairs": len(job.pairs),
+                                                      "lr": job.cfg.train_rm.lr, **stats})
+
+
+def train_bt_refine(job: TrainJob) -> None:
+    """erm-rm-extra: the warm start trained further by BT alone on meta-training's own draws (metatrain.refine_by_bt)."""
+    from .metatrain import refine_by_bt
+
+    refine_by_bt(job.cfg, job.split, job.init, job.output, progress=job.progress)
+
+
+def train_bilevel(job: TrainJob) -> None:
+    """meta-rm and its ablations: bilevel meta-training (metatrain.meta_train), warm-started from job.init under
+    meta.init=bt. A rerun continues an interrupted run from its last checkpoint."""
+    from .metatrain import meta_train
+
+    init = job.init if job.cfg.meta.init == "bt" else None
+    meta_train(job.cfg, job.output, resume=True, accelerator=job.accelerator, init_reward_model=init,
+               split=job.split, policy=job.policy() if job.policy else None, banks=job.banks)
+
+
+def train_dpo_policy(job: TrainJob) -> None:
+    """dpo: DPO of the LoRA policy on job.pairs; OUTPUT/policy_trainable.pt (and a PEFT adapter under OUTPUT/policy
+    when job.export_base is set), OUTPUT/train.json."""
+    from .dpo import save_trainable, train_dpo
+    from .runlog import seed_everything
+
+    cfg = job.cfg
+    seed_everything(cfg.seed)
+    policy = job.policy()
+    stats = train_dpo(policy, job.pairs, cfg.rloo.beta, cfg.benchmark.dpo_epochs, cfg.benchmark.dpo_lr,
+                      cfg.train_rm.batch_size, seed=cfg.seed, progress=job.progress, log=job.log)
+    save_trainable(policy, job.output / "policy_trainable.pt")
+    if job.export_base is not None:
+        from .export import save_policy
+
+        save_policy(policy, job.output / "policy", base_dir=job.export_base,
+                    metadata={"method": "dpo", "seed": cfg.seed})  # the aligned policy as a PEFT adapter directory
+    atomic_write_json(job.output / "train.json", {**stats, "beta": cfg.rloo.beta, "lr": cfg.benchmark.dpo_lr,
+                                                  "pairs": len(job.pairs)})
+
+
+# ---------------------------------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str  # one line: what it is (README, report, `oodpl benchmark --help`)
+    output: str  # REFERENCE, REWARD_MODEL, POLICY or GOLD (module docstring)
+    trainer: Trainer | None = None
+    warm_start: str | None = None  # the method whose reward model the trainer starts from (job.init)
+    overrides: dict[str, Any] = field(default_factory=dict)  # settings the method fixes (ablations)
+    tuned_as: str | None = None  # whose leave-one-domain-out choice it takes (`oodpl select`)
+    tuned_fallback: str | None = None  # whose choice it takes when tuned_as was not tuned
+    per_domain: bool = False  # trained once per held-out domain, on that domain's oracle pairs (target labels)
+    target_labels: bool = False  # uses held-out labels: an upper bound, never a competitor
+
+    @property
+    def optimised(self) -> bool:
+        """Runs the meta-test optimiser (one samples file per beta_test)."""
+        return self.output in (REWARD_MODEL, GOLD)
+
+    @property
+    def bilevel(self) -> bool:
+        return self.trainer is train_bilevel
+
+    @property
+    def has_outer_steps(self) -> bool:
+        """Trains by meta-training's outer loop (metrics.jsonl per outer step: the meta-training curves)."""
+        return self.trainer in (train_bilevel, train_bt_refine)
+
+    @property
+    def standalone(self) -> bool:
+        """Trains a reward model from labelled pairs alone (no warm start, no policy): `oodpl train-rm --method`."""
+        return self.output == REWARD_MODEL and self.trainer is not None and self.warm_start is None \
+            and not self.bilevel and not self.per_domain
+
+    @property
+    def tunable(self) -> bool:
+        """Has its own grid in `oodpl select` (a method that is tuned as itself)."""
+        return self.trainer is not None and self.tuned_as == self.name
+
+
+def _ablation(name: str, summary: str, overrides: dict, warm_start: str | None = "erm-rm") -> Method:
+    return Method(name, summary, REWARD_MODEL, train_bilevel, warm_start=warm_start, overrides=overrides,
+                  tuned_as="meta-rm")
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("reference", "pi_ref itself (no preference learning)", REFERENCE),
+    Method("erm-rm", "ordinary RLHF: a Bradley-Terry RM on the pooled meta-train pairs, then the meta-test",
+           REWARD_MODEL, train_bt, tuned_as="erm-rm"),
+    Method("erm-rm-extra", "the control that isolates the hypergradient: erm-rm trained further by BT alone with "
+           "meta-training's outer steps, meta-batches, query minibatches and learning rate", REWARD_MODEL,
+           train_bt_refine, warm_start="erm-rm", tuned_as="erm-rm-extra", tuned_fallback="meta-rm"),
+    Method("dpo", "DPO of the LoRA policy on the pooled meta-train pairs; evaluated directly", POLICY,
+           train_dpo_policy, tuned_as="dpo"),
+    Method("oracle-rm", "a BT RM on the held-out domain's own oracle pairs (target labels: an upper bound), then the "
+           "meta-test", REWARD_MODEL, train_bt, tuned_as="erm-rm", per_domain=True, target_labels=True),
+    Method("gold-reward", "the meta-test optimising the gold judge itself (an upper bound for generation quality)",
+           GOLD, target_labels=True),
+    Method("meta-rm", "this method: phi_0 = the seed's erm-rm, refined by bilevel meta-training, then the meta-test",
+           REWARD_MODEL, train_bilevel, warm_start="erm-rm", tuned_as="meta-rm"),
+    _ablation("meta-rm-bt0", "ablation: lambda_bt = 0 (the pure bilevel objective)", {"meta.lambda_bt": 0.0}),
+    _ablation("meta-rm-k3", "ablation: K = 3 inner steps (truncated hypergradient)",
+              {"meta.inner_steps": 3, "meta.hypergrad": "truncated"}),
+    _ablation("meta-rm-scratch", "ablation: a fresh scalar head instead of the erm-rm warm start",
+              {"meta.init": "scratch"}, warm_start=None),
+    _ablation("meta-rm-raw", "ablation: raw rewards (no reward standardisation)", {"rloo.reward_norm": "none"}),
+]}
+
+ERM = "erm-rm"  # ordinary RLHF: the first baseline, the warm start, and the other side of win_rate_vs_erm
+BASELINES = [ERM, "erm-rm-extra"]  # what every other method is compared with, paired, in the report
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def names(predicate: Callable[[Method], bool] = lambda m: True) -> list[str]:
+    return [n for n, m in METHODS.items() if predicate(m)]
+
+
+def with_warm_starts(methods: list[str]) -> list[str]:
+    """`methods` (de-duplicated, order kept), preceded by the warm starts they need and do not list."""
+    listed = list(dict.fromkeys(methods))
+    missing = [w for w in dict.fromkeys(get(n).warm_start for n in listed) if w is not None and w not in listed]
+    return missing + listed
+
+
+def method_config(cfg: Config, seed: int, method: str | None = None, selected: dict | None = None) -> Config:
+    """The config of one seed and method: the leave-one-domain-out choice of whose settings it takes, then the
+    settings the method fixes (its ablation)."""
+    from .config import with_overrides
+
+    selected = selected or {}
+    m = METHODS.get(method) if method else None
+    choice: dict = {}
+    if m is not None and m.tuned_as is not None:
+        if m.tuned_as in selected:
+            choice = selected[m.tuned_as]
+        elif m.tuned_fallback is not None:
+            # erm-rm-extra is meta-rm without the hypergradient: when only meta-rm was tuned it takes meta-rm's
+            # choice (same keys), so the control is never left at a default the method was tuned away from
+            choice = selected.get(m.tuned_fallback, {})
+    c = with_overrides(cfg, {**choice, **(m.overrides if m else {})}, where=f"select/{method}")
+    c.seed = seed
+    return c
+
+
+def describe() -> str:
+    """The registry as a Markdown table (docs, `oodpl benchmark --list-methods`)."""
+    rows = ["| method | output | trainer | warm start | tuned as | what it is |", "|---|---|---|---|---|---|"]
+    for m in METHODS.values():
+        trainer = m.trainer.__name__ if m.trainer else "-"
+        rows.append(f"| `{m.name}` | {m.output} | {trainer} | {m.warm_start or '-'} | {m.tuned_as or '-'} | "
+                    f"{m.summary} |")
+    return "\n".join(rows)
