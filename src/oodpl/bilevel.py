@@ -25,6 +25,7 @@ import torch
 from .config import MetaConfig, RLOOConfig, resolved_hypergrad
 from .models import Policy, RewardModel
 from .objectives import bradley_terry_loss, dpo_loss, pair_accuracy, rloo_advantages
+from .leverage import step_stats
 from .runlog import phase
 from .trunk import attach as attach_trunk
 from .trunk import rows_of as trunk_rows_of
@@ -220,6 +221,14 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(r) if g is None else g for r, g in zip(rewards, grads)]
         _after_step_stats(policy, task, thetas, stats, rloo.beta)
+        # leverage of the first step (method.md, "Leverage"), with v at theta_K as the truncated form takes it
+        theta_K = {k: v.detach().requires_grad_() for k, v in thetas[-1].items()}
+        with torch.enable_grad():
+            v = dict(zip(theta_K, torch.autograd.grad(outer_loss(policy, theta_K, task.query, rloo.beta),
+                                                      list(theta_K.values()))))
+        thetas0 = {k: t.detach() for k, t in thetas[0].items()}
+        s_tilde = centred_jvps(policy, task.inner[0], thetas0, v, rloo)
+        stats[0].update(step_stats(s_tilde, rewards[0], meta.inner_lr, task.inner[0].n, rloo.reward_norm))
         return grads, float(loss.detach()), stats
 
     with phase(timings, "inner_policy_steps"):
@@ -232,16 +241,24 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
     grads = []
     for k, samples in enumerate(task.inner):
         with phase(timings, "jvp"):
-            logp, s = logprob_jvp(policy, samples.batch, thetas[k], v)
-        s = importance_weights(logp, samples.behaviour_logp, rloo.importance_clip) * s
-        s_tilde = rloo_advantages(s.reshape(-1, samples.n)).reshape(-1)
-        g = meta.inner_lr / s.numel() * s_tilde  # dL/dr^_j: with respect to the (standardised) rewards the step used
+            s_tilde = centred_jvps(policy, samples, thetas[k], v, rloo)
+        # leverage of this step (method.md, "Leverage"): H, the reward's alignment with -s~, its first-order drop
+        stats[k].update(step_stats(s_tilde, rewards[k], meta.inner_lr, samples.n, rloo.reward_norm))
+        g = meta.inner_lr / s_tilde.numel() * s_tilde  # dL/dr^_j: w.r.t. the (standardised) rewards the step used
         if inner_reward_scale(rloo) == "batch":
             g = pull_back_standardisation(g, rewards[k].to(g.dtype))
         grads.append(g)
     with phase(timings, "inner_policy_steps"):
         _after_step_stats(policy, task, thetas, stats, rloo.beta)
     return grads, float(loss.detach()), stats
+
+
+def centred_jvps(policy: Policy, samples: Samples, theta: dict[str, torch.Tensor], v: dict[str, torch.Tensor],
+                  rloo: RLOOConfig) -> torch.Tensor:
+    """s~: s_j = w_j <grad_theta log pi_theta(y_j|x), v>, leave-one-out centred within each prompt's samples."""
+    logp, s = logprob_jvp(policy, samples.batch, theta, v)
+    s = importance_weights(logp, samples.behaviour_logp, rloo.importance_clip) * s
+    return rloo_advantages(s.reshape(-1, samples.n)).reshape(-1)
 
 
 def _after_step_stats(policy: Policy, task: DomainTask, thetas: list[dict], stats: list[dict], beta: float) -> None:
@@ -283,7 +300,7 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
     hyper = [torch.zeros_like(p) for p in params]
     bt_grad = [torch.zeros_like(p) for p in params]
     keys = ("outer_loss", "outer_loss_before", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std",
-            "inner_kl", "inner_step_length")
+            "inner_kl", "inner_step_length", "headroom", "alignment", "first_order_drop")
     out = dict.fromkeys(keys, 0.0)
     pending: list[torch.Tensor] = []
     for task in tasks:
@@ -313,6 +330,8 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
         out["inner_reward_std"] += stats[0]["reward_std"] / len(tasks)
         out["inner_kl"] += stats[-1]["kl_after"] / len(tasks)
         out["inner_step_length"] += stats[-1]["step_length"] / len(tasks)
+        for key in ("headroom", "alignment", "first_order_drop"):  # of the first inner step
+            out[key] += stats[0][key] / len(tasks)
     if backward is None:
         for p, h, b in zip(params, hyper, bt_grad):
             g = h + meta.lambda_bt * b
@@ -367,3 +386,41 @@ def meta_objective(policy: Policy, rm: RewardModel, tasks: list[DomainTask], met
                                           rm.forward_encoded(task.query.rm_rejected)))
         total += loss + meta.lambda_bt * bt
     return total / len(tasks)
+
+
+def step_leverage(policy: Policy, task: DomainTask, rewards: dict[str, torch.Tensor], meta: MetaConfig,
+                  rloo: RLOOConfig, oracle: bool = True) -> dict:
+    """Leverage of the task's first inner step at theta_0 (method.md, "Leverage"; formulas in leverage.py), for every
+    named reward of its samples (e.g. {"erm-rm": r, "gold": g}) and the oracle reward -s~:
+
+        {"headroom", "floor", "outer_loss_before", "num_samples",
+         "<name>": {"alignment", "first_order_drop", "real_drop", "kl_after", "step_length"}}
+
+    real_drop = L_out(theta_0) - L_out(theta_1) of the real step (inner_loop, K = 1; positive = lower loss)."""
+    import copy
+
+    from .leverage import alignment, first_order_drop, headroom, oracle_reward, random_floor
+
+    samples = task.inner[0]
+    theta = {k: v.detach().requires_grad_() for k, v in policy.theta_init().items()}
+    with torch.enable_grad():
+        loss = outer_loss(policy, theta, task.query, rloo.beta)
+        v = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
+    s_tilde = centred_jvps(policy, samples, {k: t.detach() for k, t in theta.items()}, v, rloo)
+    before = float(loss.detach())
+    one = copy.copy(meta)
+    one.inner_steps = 1
+    first = DomainTask(task.name, task.inner[:1], task.query)
+    out: dict = {"headroom": headroom(s_tilde, meta.inner_lr), "floor": random_floor(s_tilde.numel(), samples.n),
+                 "outer_loss_before": before, "num_samples": s_tilde.numel()}
+    named = ({"oracle": oracle_reward(s_tilde)} if oracle else {}) | dict(rewards)
+    for name, r in named.items():
+        r = r.detach().to(samples.ref_logp).reshape(-1)
+        thetas, _ = inner_loop(policy, first, [r], one, rloo)
+        with torch.no_grad():
+            after = float(outer_loss(policy, thetas[-1], task.query, rloo.beta))
+        out[name] = {"alignment": alignment(r, s_tilde, samples.n),
+                     "first_order_drop": first_order_drop(r, s_tilde, meta.inner_lr, rloo.reward_norm),
+                     "real_drop": before - after, "kl_after": adapted_kl(policy, samples, thetas[-1]),
+                     "step_length": step_length(thetas[0], thetas[-1])}
+    return out

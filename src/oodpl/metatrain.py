@@ -33,7 +33,7 @@ from .sampling import SampleBank, build_bank
 
 # per-domain statistics of meta_gradient, averaged over the meta-batch (across processes too)
 MEAN_STATS = ("outer_loss", "outer_loss_before", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std",
-              "inner_kl", "inner_step_length")
+              "inner_kl", "inner_step_length", "headroom", "alignment", "first_order_drop")
 
 
 class TrainingDiverged(UserError):

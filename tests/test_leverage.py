@@ -1,0 +1,101 @@
+"""Leverage of the meta-objective (leverage.py, bilevel.step_leverage) on the toy problem, where s~ has a closed form
+(toy.closed_form_value_grads), and the per-step figures that meta-training logs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from oodpl.bilevel import reward_value_grads, step_leverage
+from oodpl.config import MetaConfig, RLOOConfig
+from oodpl.leverage import alignment, first_order_drop, headroom, random_floor, standardised
+from oodpl.toy import closed_form_value_grads, make_problem, make_task
+
+DT = torch.float64
+
+
+def toy_task(B: int = 4, n: int = 4, Y: int = 5, seed: int = 0):
+    problem = make_problem(seed=seed, num_domains=1, prompts_per_domain=B, num_responses=Y)
+    rm = problem.rm(torch.randn(problem.features.shape[-1], generator=torch.Generator().manual_seed(seed + 1),
+                                dtype=DT))
+    task = make_task("d0", problem.policy, rm, problem.domains[0], problem.pairs[0], n=n,
+                     generator=torch.Generator().manual_seed(seed + 2))
+    return problem, rm, task
+
+
+def closed_form_s_tilde(problem, task, alpha: float, beta: float) -> np.ndarray:
+    """s~ by hand: closed_form_value_grads gives dL/dr_j = alpha / N * s~_j for raw rewards at K = 1."""
+    zeros = [np.zeros(len(task.inner[0].ref_logp))]
+    (g,), _ = closed_form_value_grads(problem.policy, task, zeros, alpha, beta, None, "one-step")
+    return g * g.size / alpha
+
+
+def test_headroom_and_oracle_alignment_closed_form():
+    problem, rm, task = toy_task()
+    alpha, beta = 0.5, 0.3
+    out = step_leverage(problem.policy, task, {}, MetaConfig(inner_lr=alpha), RLOOConfig(beta=beta))
+    s = closed_form_s_tilde(problem, task, alpha, beta)
+    assert out["headroom"] == pytest.approx(alpha / math.sqrt(s.size) * np.linalg.norm(s), rel=1e-10)
+    assert out["oracle"]["alignment"] == pytest.approx(1.0, abs=1e-12)
+    # the oracle varies within prompts only: its first-order drop is the whole headroom
+    assert out["oracle"]["first_order_drop"] == pytest.approx(out["headroom"], rel=1e-10)
+    assert out["floor"] == pytest.approx(1 / math.sqrt(4 * 3))  # B (n - 1) directions after per-prompt centring
+    # alignment is a cosine: -s~ itself gives 1, s~ gives -1, a per-prompt constant 0
+    st = torch.as_tensor(s)
+    assert alignment(-3 * st + 7, st, 4) == pytest.approx(1.0, abs=1e-12)
+    assert alignment(st, st, 4) == pytest.approx(-1.0, abs=1e-12)
+    assert alignment(torch.arange(4.0, dtype=DT).repeat_interleave(4), st, 4) == 0.0
+
+
+def test_random_reward_alignment_spread_is_the_floor():
+    """A random reward's alignment has mean 0 and spread 1/sqrt(B(n-1)) (~ 1/sqrt(N))."""
+    s = torch.randn(32, generator=torch.Generator().manual_seed(5), dtype=DT)
+    s = s.reshape(8, 4) - s.reshape(8, 4).mean(-1, keepdim=True)
+    g = torch.Generator().manual_seed(6)
+    cos = np.array([alignment(torch.randn(32, generator=g, dtype=DT), s.reshape(-1), 4) for _ in range(4000)])
+    assert abs(cos.mean()) < 3 * random_floor(32, 4) / math.sqrt(4000)
+    assert cos.std() == pytest.approx(random_floor(32, 4), rel=0.05)
+
+
+@pytest.mark.parametrize("reward_norm", ["std", "none"])
+def test_first_order_drop_is_the_real_drop_as_alpha_goes_to_zero(reward_norm):
+    problem, rm, task = toy_task(seed=3)
+    rewards = rm.forward_encoded(task.inner[0].rm_encoding).detach()
+    errors = []
+    for alpha in (1e-1, 1e-2, 1e-3):
+        out = step_leverage(problem.policy, task, {"rm": rewards}, MetaConfig(inner_lr=alpha),
+                            RLOOConfig(beta=0.2, reward_norm=reward_norm))
+        for name in ("rm", "oracle"):
+            pred, real = out[name]["first_order_drop"], out[name]["real_drop"]
+            assert pred != 0.0
+            errors.append(abs(real - pred) / abs(pred))
+    assert errors[-2] < 1e-2 and errors[-1] < 1e-2  # alpha = 1e-3: first order
+    assert errors[-1] < errors[1] < errors[0] or errors[-1] < 1e-4  # the error shrinks with alpha
+
+
+def test_alignment_and_drop_relation():
+    """first_order_drop = H * alignment for a reward that varies within prompts only (standardisation aside)."""
+    s = torch.randn(12, generator=torch.Generator().manual_seed(1), dtype=DT)
+    s = (s.reshape(3, 4) - s.reshape(3, 4).mean(-1, keepdim=True)).reshape(-1)
+    r = standardised(torch.randn(12, generator=torch.Generator().manual_seed(2), dtype=DT), 4)
+    assert first_order_drop(r, s, 0.7) == pytest.approx(headroom(s, 0.7) * alignment(r, s, 4), rel=1e-12)
+
+
+def test_meta_training_step_logs_leverage_of_its_own_step():
+    """reward_value_grads' per-step stats hold H, the RM's alignment and its first-order drop computed from the
+    hypergradient's own s~ (v at theta_K; closed form by hand), close to step_leverage's (v at theta_0)."""
+    problem, rm, task = toy_task(seed=4)
+    meta, rloo = MetaConfig(inner_lr=0.3), RLOOConfig(beta=0.2, reward_norm="none")
+    rewards = [rm.forward_encoded(s.rm_encoding).detach() for s in task.inner]
+    _, _, stats = reward_value_grads(problem.policy, task, rewards, meta, rloo)
+    (g,), _ = closed_form_value_grads(problem.policy, task, [r.numpy() for r in rewards], 0.3, 0.2, None, "one-step")
+    s_tilde = torch.as_tensor(g * g.size / 0.3)
+    assert stats[0]["headroom"] == pytest.approx(headroom(s_tilde, 0.3), rel=1e-10)
+    assert stats[0]["alignment"] == pytest.approx(alignment(rewards[0], s_tilde, 4), rel=1e-10)
+    assert stats[0]["first_order_drop"] == pytest.approx(first_order_drop(rewards[0], s_tilde, 0.3, "none"),
+                                                         rel=1e-10)
+    measured = step_leverage(problem.policy, task, {"rm": rewards[0]}, meta, rloo, oracle=False)
+    assert stats[0]["headroom"] == pytest.approx(measured["headroom"], rel=0.1)
