@@ -99,3 +99,47 @@ def test_meta_training_step_logs_leverage_of_its_own_step():
                                                          rel=1e-10)
     measured = step_leverage(problem.policy, task, {"rm": rewards[0]}, meta, rloo, oracle=False)
     assert stats[0]["headroom"] == pytest.approx(measured["headroom"], rel=0.1)
+
+
+# ------------------------------------------------------------------------------------------- the leverage study
+def test_leverage_study_command_on_tiny_models(tmp_path, capsys):
+    """`oodpl diagnose leverage`: every variation is a row with H, the oracle's real drop and KL, erm-rm's and the
+    gold judge's alignment per meta-train domain; no held-out domain is touched; a rerun computes nothing again."""
+    import json
+
+    from oodpl.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"domain": d, "prompt": f"{d} says {i}", "chosen": f"lovely kind words {i}",
+                                         "rejected": f"awful bad {i}"}) + "\n"
+                             for d in ("alpha", "beta", "gamma") for i in range(10)))
+    sets = ["policy.name_or_path=tiny-random", "reward.name_or_path=tiny-random", "data.task=file",
+            f"data.path={pairs}", "data.held_out_domains=[gamma]", "data.support_size=4", "data.query_size=4",
+            "rloo.batch_prompts=2", "rloo.num_samples=2", "policy.max_new_tokens=3", "eval.judge=vader",
+            "report_to=[none]", "policy.trainable_layers=1"]
+    args = [x for s in sets for x in ("--set", s)]
+    out = tmp_path / "lev"
+    only = ["all layers", "beta x5", "inner prompts = query prompts", "human cap from data"]
+    assert main(["--quiet", "diagnose", "leverage", "-o", str(out), "--draws", "2", "--only", *only, *args]) == 0
+    study = json.loads((out / "leverage.json").read_text())
+    assert [r["variation"] for r in study["rows"]] == ["baseline", "all layers", "beta x5", "human cap from data",
+                                                       "inner prompts = query prompts"]
+    assert study["domains"] == ["alpha", "beta"]  # meta-train domains only: gamma is held out
+    for row in study["rows"]:
+        assert set(row["cells"]) == {"alpha", "beta"} and all(len(c) == 2 for c in row["cells"].values())
+        for cell in (c for cs in row["cells"].values() for c in cs):
+            assert cell["headroom"] > 0 and cell["oracle"]["alignment"] == pytest.approx(1.0, abs=1e-9)
+            assert -1 <= cell["erm-rm"]["alignment"] <= 1 and -1 <= cell["gold"]["alignment"] <= 1
+            assert cell["oracle"]["kl_after"] >= 0
+        assert row["summary"]["headroom"]["n"] == 2
+    base, deep, beta5 = study["rows"][:3]
+    assert base["setting"]["trainable_layers"] == 1 and deep["setting"]["trainable_layers"] is None
+    assert beta5["setting"]["beta"] == pytest.approx(0.5)
+    cap = study["rows"][3]
+    assert cap["human_responses_cut"] == 0 and cap["setting"]["response_cap"] >= 3  # the data's longest response
+    assert "| baseline |" in (out / "leverage.md").read_text()
+    stamp = (out / "rows" / "baseline.json").stat().st_mtime_ns
+    assert main(["--quiet", "diagnose", "leverage", "-o", str(out), "--draws", "2", "--only", *only, *args]) == 0
+    assert (out / "rows" / "baseline.json").stat().st_mtime_ns == stamp
+    assert main(["--quiet", "diagnose", "leverage", "-o", str(tmp_path / "x"), "--only", "nope", *args]) == 2
+    assert "unknown variation 'nope'" in capsys.readouterr().err

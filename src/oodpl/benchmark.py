@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -49,7 +46,7 @@ from . import methods as registry
 from .metatest import (adapt_reference_samples, eval_seed, judge_fn, meta_test_to_file, policy_samples_to_file,
                        reference_reward_scale, reward_model_fn)
 from .models import PolicyAtInit, place
-from .runlog import MetricsLogger, seed_everything
+from .runlog import MetricsLogger, provenance, seed_everything
 from .stats import interpolate_at_kl, matched_kl
 
 LEFT_OUT_DOMAINS = 3  # meta-train-pool domains left out of training that the diagnostic scores (at most)
@@ -545,29 +542,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def provenance(wall: float) -> dict:
-    """What made this report: the command line, date, machine, this run's wall time and the load average."""
-    import os
-
-    try:
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return {"command": "oodpl " + " ".join(sys.argv[1:]) if sys.argv else None,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}",
-            "wall_seconds": round(wall, 1), "load": load}
 
 
 def run_benchmark(cfg: Config, output: str | Path) -> dict:

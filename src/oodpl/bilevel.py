@@ -72,7 +72,7 @@ class PreferenceSet:
               chunk: int = 32) -> "PreferenceSet":
         cfg, tok = policy.config, policy.tokenizer
         p_ids = encode_prompts(tok, prompts, cfg.max_prompt_tokens, cfg.chat_template)
-        max_resp = 2 * cfg.max_new_tokens
+        max_resp = cfg.response_cap()
         c_ids = encode_responses(tok, prompts, chosen, max_resp, cfg.chat_template)
         r_ids = encode_responses(tok, prompts, rejected, max_resp, cfg.chat_template)
         # with a frozen trunk, log pi_ref runs from it too: the layers below the adapters run once per response

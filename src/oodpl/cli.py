@@ -139,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="choose meta.* settings by leave-one-domain-out within meta-train domains")
     _config_args(sel)
 
+    dg = sub.add_parser("diagnose", help="diagnostics of the method on meta-train domains (no held-out domain)")
+    dgsub = dg.add_subparsers(dest="diagnose_command", metavar="WHAT")
+    lev = dgsub.add_parser("leverage", help="how far any reward can move the outer loss, per setting (method.md, "
+                                            "Leverage): headroom, the oracle's real drop and KL, RM and gold alignment",
+                           parents=[common])
+    _config_args(lev)
+    lev.add_argument("--domains", nargs="*", help="meta-train domains to study (default: the first 3 of the split)")
+    lev.add_argument("--draws", type=int, default=3, help="inner-prompt draws per domain (default 3)")
+    lev.add_argument("--only", nargs="*", help="variations to run besides the baseline (default: all)")
     sub.add_parser("methods", help="list the methods of the benchmark (what each trains, its warm start, tuning)")
     th = sub.add_parser("theory", help="convergence experiment on the toy problem (results.json + plot)")
     th.add_argument("--output", "-o", required=True)
@@ -266,6 +275,18 @@ def _cmd_theory(args) -> int:
     return 0
 
 
+def _cmd_diagnose(args) -> int:
+    if args.diagnose_command != "leverage":
+        raise UserError("oodpl diagnose: choose what to diagnose: leverage")
+    if args.draws < 1:
+        raise UserError(f"diagnose leverage --draws {args.draws}: give at least 1 draw per domain")
+    from .leverage_study import run_leverage_study
+
+    study = run_leverage_study(_load_cfg(args), args.output, args.domains, args.draws, args.only)
+    print((Path(args.output) / "leverage.md").read_text())
+    return 0 if study["rows"] else 2
+
+
 def _cmd_methods(args) -> int:
     from .methods import describe
 
@@ -285,6 +306,7 @@ HANDLERS = {
     "select": _cmd_select,
     "theory": _cmd_theory,
     "methods": _cmd_methods,
+    "diagnose": _cmd_diagnose,
 }
 
 

@@ -59,6 +59,9 @@ class PolicyConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "c_attn"])
     max_prompt_tokens: int = 32
     max_new_tokens: int = 16
+    # human-written responses (pairs, references) are cut at this many tokens; null: 2 x max_new_tokens. Set it from
+    # the data's lengths (`oodpl diagnose leverage` reports how many responses a cap cuts)
+    max_response_tokens: int | None = None
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -70,6 +73,10 @@ class PolicyConfig:
     # recompute each decoder layer in the backward pass of first-order passes (transformers' gradient checkpointing,
     # use_reentrant=False): less activation memory, one more forward; second-order passes (JVP, unrolled) never do
     gradient_checkpointing: bool = False
+
+    def response_cap(self) -> int:
+        """Tokens kept of a human-written response (method.md, Leverage: the cap is set from the data)."""
+        return self.max_response_tokens or 2 * self.max_new_tokens
 
 
 @dataclass
@@ -363,7 +370,7 @@ RULES: dict[str, str] = {
     "data.support_size": ">=1", "data.query_size": ">=1", "data.adapt_prompts": ">=1", "data.eval_prompts": ">=1",
     "data.eval_pairs": ">=1", "data.max_domains": ">=1", "data.seed": ">=0",
     "policy.trainable": "lora|full", "policy.lora_r": ">=1", "policy.lora_alpha": ">0",
-    "policy.max_prompt_tokens": ">=1", "policy.max_new_tokens": ">=1", "policy.temperature": ">0",
+    "policy.max_prompt_tokens": ">=1", "policy.max_new_tokens": ">=1", "policy.max_response_tokens": ">=1", "policy.temperature": ">0",
     "policy.top_k": ">=0", "policy.top_p": "(0,1]", "policy.dtype": _DTYPES,
     "policy.trainable_layers": ">=0",
     "reward.max_length": ">=2", "reward.dtype": _DTYPES,

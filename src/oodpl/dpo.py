@@ -135,7 +135,7 @@ def implicit_reward_on_samples(policy: Policy, samples, beta: float, batch_size:
 
     cfg, tok = policy.config, policy.tokenizer
     p_ids = encode_prompts(tok, samples.prompts, cfg.max_prompt_tokens, cfg.chat_template)
-    r_ids = encode_responses(tok, samples.prompts, samples.responses, 2 * cfg.max_new_tokens, cfg.chat_template)
+    r_ids = encode_responses(tok, samples.prompts, samples.responses, cfg.response_cap(), cfg.chat_template)
     out = []
     for i in range(0, len(p_ids), batch_size):
         batch = collate(p_ids[i:i + batch_size], r_ids[i:i + batch_size], tok.pad_token_id)

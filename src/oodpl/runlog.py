@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
 import random
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -128,3 +131,26 @@ def progress_disabled(progress: bool) -> bool | None:
     """tqdm's `disable`: True when progress is off; None (= off unless stderr is a terminal) otherwise, so that bars
     do not flood log files of batch jobs."""
     return True if not progress else None
+
+
+def provenance(wall: float) -> dict:
+    """What made this report: the command line, date, machine, this run's wall time and the load average."""
+    import os
+
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return {"command": "oodpl " + " ".join(sys.argv[1:]) if sys.argv else None,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}",
+            "wall_seconds": round(wall, 1), "load": load}

@@ -265,7 +265,9 @@ class SampleBank:
         """Ready for `policy`: log pi_ref on the policy's device, and the frozen trunk of every sample computed once
         (when the policy adapts only its top layers)."""
         self.ref_logp = self.ref_logp.to(next(policy.model.parameters()).device)
-        if policy.trunk_layer is not None and (self.trunk is None or self.trunk_layer != policy.trunk_layer):
+        if policy.trunk_layer is None:  # a full-depth policy: no frozen trunk (never another depth's)
+            self.trunk, self.trunk_layer = None, None
+        elif self.trunk is None or self.trunk_layer != policy.trunk_layer:
             self.trunk = policy.trunk_rows(collate(*self._rows(), policy.tokenizer.pad_token_id), chunk)
             self.trunk_layer = policy.trunk_layer
         return self
