@@ -1,7 +1,25 @@
 """oodpl: out-of-distribution preference learning with a meta-learned general reward model.
 
-Layout mirrors the method (see docs/architecture.md):
-data -> models -> objectives -> policy_opt (shared RLOO step) -> metatrain (bilevel) -> metatest -> evaluate -> benchmark.
+The Python API (oodpl.api; the same code as the CLI commands):
+
+    from oodpl import load_config, meta_train, train_reward_model, align, generate, benchmark, leverage_study
+
+Layout mirrors the method (see docs/architecture.md): data -> models -> objectives -> policy_opt (shared RLOO step)
+-> bilevel / metatrain -> metatest -> evaluate -> methods / benchmark / report.
 """
 
 __version__ = "0.1.0"
+
+_API = {"Config": "config", "load_config": "config", "with_overrides": "config", "as_config": "api",
+        "meta_train": "api", "train_reward_model": "api", "align": "api", "generate": "api", "benchmark": "api",
+        "leverage_study": "api", "METHODS": "methods", "UserError": "errors"}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    """Import on first use: `import oodpl` stays light (no torch) until a stage is called."""
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f"oodpl.{_API[name]}"), name)
+    raise AttributeError(f"module 'oodpl' has no attribute {name!r}")

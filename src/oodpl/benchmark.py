@@ -160,6 +160,7 @@ class Benchmark:
                                   lambda s=s, m=m, d=d, pol=pol: self.train(s, m, pol, d)))
             if any(registry.get(m).bilevel for m in self.methods):
                 units.append((s, "diagnose/left-out", lambda s=s, pol=pol: self.left_out(s, pol)))
+                units.append((s, "diagnose/fit", lambda s=s, pol=pol: self.fit(s, pol)))
             erm = [registry.ERM] if registry.ERM in self.methods else []  # win_rate_vs_erm needs its samples
             sample_methods = list(dict.fromkeys(["reference"] + erm + self.methods)) if self.meta_tested(s) else []
             for m in sample_methods:
@@ -234,27 +235,71 @@ class Benchmark:
         return DomainSplit.load(path)
 
     def left_out(self, s: int, pol: PolicyAtInit) -> None:
-        """Diagnostic (method.md, "Statistics and evidence"): on the left-out meta-train-pool domains, the outer loss
-        before and after each reward model's inner step (meta-rm's inner settings for every RM), the step's length
-        and KL, and the RM's pair accuracy on the domain's human query pairs. Uses no held-out domain."""
-        from .metatrain import build_query_sets, load_or_build_banks
+        """Diagnostic (method.md, "Statistics and evidence", "Leverage"): on the left-out meta-train-pool domains,
+        the outer loss before and after each reward model's inner step (meta-rm's inner settings for every RM), the
+        step's length and KL, the RM's pair accuracy on the domain's human query pairs, and the leverage of the
+        step (headroom, the oracle's real drop and KL, each RM's and the gold judge's alignment). No held-out
+        domain is used."""
+        split = self.left_out_split()
+        record = self.score_inner_steps(s, pol, split, self.sdir(s) / "left-out" / "bank", leverage=True)
+        atomic_write_json(self.sdir(s) / "left-out" / "scores.json", record)
+
+    def fit(self, s: int, pol: PolicyAtInit) -> None:
+        """Fit before generalise (issue 19): the same scores on the meta-train domains' own query pairs, for the
+        warm start phi_0 (erm-rm: where meta-rm and erm-rm-extra begin) and for every reward model that refines it,
+        at the end of training. Does meta-training lower its own objective more than the BT-only control?"""
+        bilevel = [m for m in self.methods if registry.get(m).bilevel]
+        record = self.score_inner_steps(s, pol, self.split, self.train_dir(s, bilevel[0]) / "bank", leverage=False)
+        atomic_write_json(self.sdir(s) / "fit" / "scores.json", record)
+
+    def score_inner_steps(self, s: int, pol: PolicyAtInit, split: DomainSplit, bank_dir: Path,
+                          leverage: bool) -> dict:
+        """Every non-per-domain reward model's inner step on each of `split`'s meta-train domains (selection.score_fold
+        over select.eval_draws inner batches, all query pairs); with `leverage`, bilevel.step_leverage on the same
+        draws for all RMs at once and the gold judge's scores of the samples."""
+        from .bilevel import DomainTask, step_leverage
+        from .metatrain import build_query_sets, draw_tasks, load_or_build_banks
         from .selection import score_fold
 
-        split = self.left_out_split()
         cfg = self.config(s, "meta-rm")
         record = {"seed": s, "domains": sorted(split.meta_train), "inner_lr": cfg.meta.inner_lr,
                   "inner_steps": cfg.meta.inner_steps, "draws": cfg.select.eval_draws, "methods": {}}
-        if split.meta_train:
-            policy = pol.get()
-            banks = load_or_build_banks(policy, split, cfg, self.sdir(s) / "left-out" / "bank", self.accelerator,
-                                        progress=False)
-            queries = build_query_sets(policy, split)
-            pad = policy.tokenizer.pad_token_id
-            for m in [m for m in self.methods if not registry.get(m).per_domain and self.rm_dir(s, m) is not None]:
-                rm = self.rm(self.rm_dir(s, m))
-                record["methods"][m] = {d: score_fold(policy, rm, d, banks[d], queries[d], cfg, pad)
-                                        for d in record["domains"]}
-        atomic_write_json(self.sdir(s) / "left-out" / "scores.json", record)
+        if not split.meta_train:
+            return record
+        policy = pol.get()
+        banks = load_or_build_banks(policy, split, cfg, bank_dir, self.accelerator, progress=False)
+        queries = build_query_sets(policy, split)
+        pad = policy.tokenizer.pad_token_id
+        rms = [m for m in self.methods if not registry.get(m).per_domain and self.rm_dir(s, m) is not None]
+        draws = {d: [draw_tasks(1_000_003 + j, cfg, [d], {d: banks[d]}, {d: queries[d]})[0][1][0]
+                     for j in range(cfg.select.eval_draws)] for d in record["domains"]}  # score_fold's draws
+        rewards: dict[str, dict[str, list]] = {d: {} for d in record["domains"]}
+        for m in rms:
+            rm = self.rm(self.rm_dir(s, m))
+            record["methods"][m] = {d: score_fold(policy, rm, d, banks[d], queries[d], cfg, pad)
+                                    for d in record["domains"]}
+            if leverage:
+                with torch.no_grad():
+                    for d, idx in draws.items():
+                        rewards[d][m] = [rm.forward_encoded(banks[d].select(b, pad, rm).rm_encoding) for b in idx]
+        if leverage and rms:
+            from .evaluate import references_for
+
+            rm = self.rm(self.rm_dir(s, rms[-1]))
+            record["leverage"] = {}
+            for d, idx in draws.items():
+                refs = references_for(self.split.task, split.meta_train[d].support_prompts)
+                q = queries[d].select(list(range(len(queries[d]))), pad, rm)
+                record["leverage"][d] = []
+                for j, b in enumerate(idx):
+                    samples = banks[d].select(b, pad, rm)
+                    prompts = samples.repeated_prompts()
+                    gold = self.judge.score(prompts, samples.responses,
+                                            [refs.get(p) for p in prompts] if refs else None)
+                    named = {m: rewards[d][m][j] for m in rms} | {"gold": torch.tensor(gold, dtype=torch.float64)}
+                    record["leverage"][d].append(step_leverage(policy, DomainTask(d, [samples], q), named,
+                                                               cfg.meta, cfg.rloo))
+        return record
 
     def reward_scale(self, method: str, s: int, d: str, reward) -> float:
         """The meta-test's fixed scale: the reward's spread on the shared pi_ref samples of the adaptation prompts."""
@@ -454,6 +499,7 @@ class Benchmark:
             "samples_table": self.samples_table(domains),
             "diagnostics": self.diagnostics(domains),
             "left_out": self.left_out_scores(),
+            "fit": self.fit_scores(),
             "meta_curves": self.meta_curves(),
             "selection": self.selection_summary(),
             "timings": self.timings(units, wall),
@@ -509,6 +555,11 @@ class Benchmark:
     def left_out_scores(self) -> list[dict]:
         """The left-out diagnostic of every seed that ran it (see `left_out`)."""
         paths = [self.sdir(s) / "left-out" / "scores.json" for s in self.seeds]
+        return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+    def fit_scores(self) -> list[dict]:
+        """The fit diagnostic of every seed that ran it (see `fit`)."""
+        paths = [self.sdir(s) / "fit" / "scores.json" for s in self.seeds]
         return [json.loads(p.read_text()) for p in paths if p.exists()]
 
     def meta_curves(self) -> dict:

@@ -532,10 +532,11 @@ LEFT_OUT_METRICS = {
 }
 
 
-def left_out_cells(results: dict) -> list[dict]:
-    """The left-out diagnostic as (seed, left-out domain, method) cells, for seed_level / paired_comparison."""
+def left_out_cells(results: dict, key: str = "left_out") -> list[dict]:
+    """The left-out diagnostic (or, with key "fit", the fit diagnostic on the meta-train domains) as (seed, domain,
+    method) cells, for seed_level / paired_comparison."""
     cells = []
-    for rec in results.get("left_out") or []:
+    for rec in results.get(key) or []:
         for m, per in (rec.get("methods") or {}).items():
             for d, v in per.items():
                 metrics = {k: v.get(k) for k in ("outer_loss_before", "step_length", "kl_after", "pair_accuracy")}
@@ -580,6 +581,85 @@ def _left_out_lines(results: dict) -> list[str]:
         L += [comparison_table(comps), ""]
     L += [f"- `{k}`: {v}." for k, v in LEFT_OUT_METRICS.items()]
     return L + [""]
+
+
+LEVERAGE_METRICS = {
+    "alignment": "cos(r^, -s~): the fraction of the headroom the reward's direction uses (1 = the oracle)",
+    "first_order_drop": "the first-order drop of the outer loss by the real step under the reward (nats)",
+    "real_drop": "the real drop L_out(theta_0) - L_out(theta_1) of that step (nats; positive = lower loss)",
+    "kl_after": "KL(pi_theta1 || pi_ref) after the step (nats)",
+}
+
+
+def leverage_cells(results: dict) -> list[dict]:
+    """The left-out leverage records as (seed, domain, reward) cells, draws averaged; the reward is an RM, the
+    oracle (-s~) or the gold judge. Every cell also carries the step's headroom and floor."""
+    cells = []
+    for rec in results.get("left_out") or []:
+        for d, draws in (rec.get("leverage") or {}).items():
+            names = [k for k in draws[0] if isinstance(draws[0][k], dict)]
+            for name in names:
+                metrics = {k: float(np.mean([r[name][k] for r in draws])) for k in LEVERAGE_METRICS}
+                metrics["headroom"] = float(np.mean([r["headroom"] for r in draws]))
+                metrics["floor"] = float(np.mean([r["floor"] for r in draws]))
+                cells.append({"seed": rec["seed"], "domain": d, "method": name, "metrics": metrics})
+    return cells
+
+
+def _leverage_lines(results: dict) -> list[str]:
+    cells = {"cells": leverage_cells(results)}
+    if not cells["cells"]:
+        return []
+    names = list(dict.fromkeys(c["method"] for c in cells["cells"]))
+    h, floor = seed_level(cells, "oracle", "headroom"), seed_level(cells, "oracle", "floor")
+    r0 = next(r for r in results["left_out"] if r.get("leverage"))
+    L = [f"Leverage of the inner step on the left-out meta-train domains (method.md, \"Leverage\"; the same drawn "
+         f"inner batches as above, {r0['draws']} per domain): headroom H = {fmt_num(h['mean'], 4)} nats "
+         f"{_interval(h, 4)}, the largest first-order drop any reward can give per inner step; a random reward's "
+         f"alignment has spread {fmt_num(floor['mean'], 3)} (the floor). Mean over cells with the 95% t-interval "
+         "over seeds of the domain-averaged value; n = cells (seed x left-out domain).", ""]
+    rows = []
+    for m in names:
+        levels = {k: seed_level(cells, m, k) for k in LEVERAGE_METRICS}
+        rows.append([m] + [f"{fmt_num(v['mean'], 4)} {_interval(v, 4)}" for v in levels.values()]
+                    + [levels["alignment"]["cells"]])
+    L += _table(["reward", *LEVERAGE_METRICS, "n cells"], rows) + [""]
+    comps = [paired_comparison(cells["cells"], k, m, b) for k in ("alignment", "real_drop")
+             for m in names if m not in ("erm-rm", "erm-rm-extra", "oracle", "gold")
+             for b in ("erm-rm", "erm-rm-extra") if b in names]
+    comps = [c for c in comps if c["n_cells"]]
+    if comps:
+        L += [comparison_table(comps), ""]
+    L += [f"- `{k}`: {v}." for k, v in LEVERAGE_METRICS.items()]
+    L += ["- `oracle`: the reward -s~ (the largest first-order drop); `gold`: the gold judge's scores of the same "
+          "samples (does the direction the outer loss asks for agree with the judge?)."]
+    return L + [""]
+
+
+def _fit_lines(results: dict) -> list[str]:
+    recs = [r for r in results.get("fit") or [] if r.get("domains")]
+    if not recs:
+        return []
+    cells = {"cells": left_out_cells(results, "fit")}
+    methods = list(dict.fromkeys(c["method"] for c in cells["cells"]))
+    r0 = recs[0]
+    L = [f"Fit before generalise: each reward model's inner step (inner_lr {r0['inner_lr']:g}, {r0['draws']} drawn "
+         f"inner batches per domain) scored on the meta-train domains' OWN query pairs ({', '.join(r0['domains'])}: "
+         "the outer loss meta-rm was trained to lower). erm-rm is phi_0, where meta-rm and erm-rm-extra start; "
+         "meta-rm and erm-rm-extra are at the end of their training. Does meta-training lower its own objective "
+         "more than the BT-only control?", ""]
+    rows = []
+    for m in methods:
+        levels = {k: seed_level(cells, m, k) for k in ("outer_loss_after", "outer_loss_drop", "pair_accuracy")}
+        rows.append([m] + [f"{fmt_num(v['mean'], 4)} {_interval(v, 4)}" for v in levels.values()]
+                    + [levels["outer_loss_drop"]["cells"]])
+    L += _table(["method", "outer_loss_after", "outer_loss_drop", "pair_accuracy", "n cells"], rows) + [""]
+    comps = [paired_comparison(cells["cells"], "outer_loss_drop", m, b) for m in methods
+             if m not in ("erm-rm", "erm-rm-extra") for b in ("erm-rm", "erm-rm-extra") if b in methods]
+    comps = [c for c in comps if c["n_cells"]]
+    if comps:
+        L += [comparison_table(comps), ""]
+    return L
 
 
 def _selection_lines(results: dict) -> list[str]:
@@ -677,9 +757,15 @@ def render_report(results: dict, plots: list[str], directory: Path) -> str:
     L += ["## Samples side by side", ""]
     L += _samples_lines(results) or ["No samples table was recorded.", ""]
     L += ["## Diagnostics", ""] + _diagnostics_lines(results)
+    fit = _fit_lines(results)
+    if fit:
+        L += ["### Fit: the meta-objective on the meta-train domains", ""] + fit
     left = _left_out_lines(results)
     if left:
         L += ["### Outer loss on left-out meta-train domains", ""] + left
+    lev = _leverage_lines(results)
+    if lev:
+        L += ["### Leverage (headroom) on left-out meta-train domains", ""] + lev
     L += ["## Selection", ""] + _selection_lines(results)
     L += ["## Data", ""] + _split_lines(results)
     L += ["## Timings", ""] + _timings_lines(results)
