@@ -193,6 +193,18 @@ def test_benchmark_end_to_end_resume_and_refusal(tmp_path, capsys, spies):
             for v in per.values():
                 assert v["outer_loss_before"] == pytest.approx(math.log(2), abs=1e-5)
                 assert math.isfinite(v["outer_loss"]) and v["step_length"] > 0 and v["pairs"] == 8
+        # leverage of the same drawn inner steps: every RM, the oracle and the gold judge on one s~ per draw
+        for d in r["domains"]:
+            draws = r["leverage"][d]
+            assert len(draws) == r["draws"]
+            for lev in draws:
+                assert {"erm-rm", "erm-rm-extra", "meta-rm", "oracle", "gold"} <= set(lev) and lev["headroom"] > 0
+                assert lev["oracle"]["alignment"] == pytest.approx(1.0, abs=1e-9)
+                assert lev["outer_loss_before"] == pytest.approx(math.log(2), abs=1e-5)
+    # fit before generalise: the same scores on the meta-train domains' own query pairs
+    fit = res["fit"]
+    assert [r["seed"] for r in fit] == [0, 1] and fit[0]["domains"] == sorted(split["meta_train"])
+    assert set(fit[0]["methods"]) == {"erm-rm", "erm-rm-extra", "meta-rm"} and "leverage" not in fit[0]
     assert {"command", "date", "machine", "wall_seconds"} <= set(res["provenance"])
     assert res["timings"]["units"] and res["timings"]["total_unit_seconds"] > 0
     # every training unit logs to the benchmark's metrics.jsonl (and trackers): RM training, dpo, meta-test steps
@@ -211,7 +223,9 @@ def test_benchmark_end_to_end_resume_and_refusal(tmp_path, capsys, spies):
     report = (out / "report.md").read_text()
     for section in ("## Verdicts", "## Paired comparisons", "## Summary per method", "## Per held-out domain",
                     "## Plots", "## Samples side by side", "## Diagnostics", "## Selection", "## Timings",
-                    "## What n means", "## Configuration", "### Outer loss on left-out meta-train domains"):
+                    "## What n means", "## Configuration", "### Outer loss on left-out meta-train domains",
+                    "### Fit: the meta-objective on the meta-train domains",
+                    "### Leverage (headroom) on left-out meta-train domains"):
         assert section in report, section
     assert "2 seeds [0, 1] x 2 held-out domains" in report and "rm_gold_agreement" in report
     for png in ("frontier.png", "by_domain.png", "meta_training.png"):
