@@ -176,6 +176,22 @@ class SelectConfig:
 
 
 @dataclass
+class FieldConfig:
+    """The field's out-of-distribution reward models (method.md, Baselines, "Methods of the field"); each trains by
+    train_rm's Bradley-Terry loop (epochs, lr, batch_size) with its own addition."""
+
+    # metarm (Dou et al. 2025): phi' = phi + eta * grad J(phi) on unlabelled pi_ref samples, then
+    # BT(phi') - j_weight * J(phi') minimised through phi' (second order)
+    metarm_ascent_lr: float = 0.1  # eta: the step of the gradient ascent on J (0: plain BT when j_weight is 0)
+    metarm_j_weight: float = 0.0  # weight of J at the ascended weights in the minimised loss (0: the paper's loss)
+    metarm_batch_prompts: int = 4  # prompts per step whose pi_ref samples (rloo.num_samples each) make J
+    # grm (Yang et al. 2024): BT + grm_sft_weight * SFT loss of the chosen responses through the kept LM head
+    grm_sft_weight: float = 0.01  # their scripts' weight_ratio (0: plain BT)
+    # warm-rm (Rame et al. 2024): M BT fine-tunings from one initialisation (different data orders), averaged
+    warm_members: int = 3  # M (1: the erm-rm fit itself)
+
+
+@dataclass
 class TrackingConfig:
     """Where every stage's metrics go besides metrics.jsonl (report_to: tensorboard and/or wandb)."""
 
@@ -200,6 +216,8 @@ class Config:
     seed: int = 0
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     quiet: bool = False
+    # last: from here on `field` in this class body names this setting, not dataclasses.field
+    field: FieldConfig = field(default_factory=FieldConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -379,6 +397,8 @@ RULES: dict[str, str] = {
     "benchmark.seeds": ">=0", "benchmark.meta_test_seeds": ">=0", "benchmark.dpo_epochs": ">=1", "benchmark.dpo_lr": ">0",
     "select.criterion": "outer_loss|pair_accuracy", "select.folds": ">=0", "select.eval_draws": ">=1",
     "reward.input_format": "concat|pair|chat",
+    "field.metarm_ascent_lr": ">=0", "field.metarm_j_weight": ">=0", "field.metarm_batch_prompts": ">=1",
+    "field.grm_sft_weight": ">=0", "field.warm_members": ">=1",
     "seed": ">=0", "report_to": "tensorboard|wandb|none",
 }
 
