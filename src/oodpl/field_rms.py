@@ -168,6 +168,20 @@ def shifted_groups(job) -> list[tuple[str, list[str]]]:
     return prompt_groups_from_banks(banks) + list(job.target_samples or [])
 
 
+def pair_prompt_banks(policy, pairs, cfg) -> dict:
+    """pi_ref samples (rloo.num_samples each) of up to data.support_size distinct prompts per domain of `pairs`: the
+    prompts a pairs file says the RM will be used on, when there is no split with support prompts."""
+    from .sampling import build_bank
+
+    by_domain: dict[str, list[str]] = {}
+    for p in pairs:
+        prompts = by_domain.setdefault(p.domain, [])
+        if p.prompt not in prompts and len(prompts) < cfg.data.support_size:
+            prompts.append(p.prompt)
+    return {d: build_bank(policy, prompts, cfg.rloo.num_samples, seed=cfg.seed * 1000 + i, desc=f"bank {d}")
+            for i, (d, prompts) in enumerate(sorted(by_domain.items()))}
+
+
 def train_metarm(job) -> None:
     """metarm: the BT fit with MetaRM's step (MetaRMStep) on shifted_groups(job)."""
     if job.accelerator is not None and job.accelerator.num_processes > 1:
@@ -262,7 +276,7 @@ class GRMStep(BTStep):
         bt = bradley_terry_loss(r_c, r_r)
         sft = causal_lm_loss(hidden[0], sft_labels(enc_c, self.rm.prompt_lengths([p.prompt for p in chunk])),
                              self.lm_head)
-        return bt + self.weight * sft, {"bt_loss": float(bt), "sft_loss": float(sft)}
+        return bt + self.weight * sft, {"bt_loss": float(bt.detach()), "sft_loss": float(sft.detach())}
 
 
 def train_grm(job) -> None:

@@ -96,7 +96,7 @@ class BTStep:
     def __call__(self, model, chunk: list[PairRecord], device) -> tuple[torch.Tensor, dict]:
         enc_c, enc_r = self.encodings(chunk)
         loss = bradley_terry_loss(self.rewards(model, enc_c, device), self.rewards(model, enc_r, device))
-        return loss, {"bt_loss": float(loss)}
+        return loss, {"bt_loss": float(loss.detach())}
 
 
 def train_reward_model(rm: RewardModel, pairs: list[PairRecord], cfg: TrainRMConfig, seed: int = 0,
@@ -129,7 +129,7 @@ def train_reward_model(rm: RewardModel, pairs: list[PairRecord], cfg: TrainRMCon
             accelerator.backward(loss)
             opt.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if log is not None:
