@@ -243,3 +243,75 @@ def test_field_methods_are_standalone_tunable_and_take_erm_rms_learning_rate():
 def test_field_settings_are_validated(key, value):
     with pytest.raises(UserError, match=key):
         load_config(None, [f"{key}={value}"])
+
+
+# ------------------------------------------------------------------------------------ commands: train-rm, benchmark
+DECODER = ["--set", "reward.name_or_path=tiny-random-llama"]
+
+
+@pytest.mark.parametrize("method", ["metarm", "grm", "warm-rm"])
+def test_train_rm_method_writes_a_checkpoint_that_meta_test_optimises(tmp_path, method):
+    from oodpl.cli import main
+
+    out = tmp_path / method
+    assert main(["--quiet", "train-rm", "--config", "configs/tiny.yaml", "-o", str(out), "--method", method,
+                 *DECODER, "--set", "field.warm_members=2"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["method"] == method and summary["train"]["what"] == method
+    if method == "metarm":  # pi_ref samples of the split's support prompts: 2 meta-train domains x 4 prompts
+        assert summary["train"]["shifted_prompts"] == 8 and (out / "bank").is_dir()
+    assert main(["--quiet", "meta-test", "--config", "configs/tiny.yaml", "--reward-model", str(out / "reward_model"),
+                 "--output", str(tmp_path / "mt"), "--domains", "vader_amazon", *DECODER]) == 0
+    assert (tmp_path / "mt" / "policies" / "vader_amazon").is_dir()
+
+
+def test_train_rm_metarm_on_a_pairs_file_samples_its_prompts(tmp_path):
+    from oodpl.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                                         "domain": p.domain}) + "\n" for p in PAIRS * 2))
+    out = tmp_path / "out"
+    assert main(["--quiet", "train-rm", "--config", "configs/tiny.yaml", "-o", str(out), "--method", "metarm",
+                 "--pairs", str(pairs), "--set", "data.support_size=2"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["shifted_prompts"] == 4  # 2 per domain
+
+
+def test_train_rm_grm_on_an_encoder_is_a_user_error(tmp_path, capsys):
+    from oodpl.cli import main
+
+    assert main(["--quiet", "train-rm", "--config", "configs/tiny.yaml", "-o", str(tmp_path / "o"),
+                 "--method", "grm"]) != 0
+    assert "needs a decoder reward model" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_benchmark_tunes_trains_and_meta_tests_the_field_rms(tmp_path):
+    from oodpl.cli import main
+
+    out = tmp_path / "bench"
+    grids = ("select.grids={erm-rm: {train_rm.lr: [1e-4, 3e-3]}, metarm: {field.metarm_ascent_lr: [0.01, 0.1]}, "
+             "grm: {field.grm_sft_weight: [0.01, 0.1]}, warm-rm: {field.warm_members: [1, 2]}}")
+    assert main(["--quiet", "benchmark", "--config", "configs/tiny.yaml", "--output", str(out), *DECODER,
+                 "--set", "benchmark.methods=[reference, erm-rm, metarm, grm, warm-rm]", "--set", "benchmark.seeds=[0]",
+                 "--set", "benchmark.select=true", "--set", grids, "--set", "meta_test.beta_test=[0.1]"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    sel = json.loads((out / "select" / "selection.json").read_text())["methods"]
+    assert sorted(sel) == ["erm-rm", "grm", "metarm", "warm-rm"]
+    assert all(len(v["candidates"]) == 2 for v in sel.values())  # the same number of candidates each
+    # a select fold leaves domain d out of training, and MetaRM sees d's support prompts' pi_ref samples (no labels)
+    fold = json.loads(next((out / "select" / "metarm" / "candidate-0").glob("fold-*/train.json")).read_text())
+    assert fold["target_prompts"] == 4 and fold["shifted_prompts"] == 4 + 4
+    # in the benchmark: the meta-train support prompts plus the held-out adaptation prompts (2 domains x 2)
+    info = json.loads((out / "seed-0" / "metarm" / "train.json").read_text())
+    assert info["target_prompts"] == 4 and info["shifted_prompts"] == 8 + 4
+    assert info["ascent_lr"] == sel["metarm"]["best"]["field.metarm_ascent_lr"]
+    assert info["lr"] == float(sel["erm-rm"]["best"]["train_rm.lr"])  # erm-rm's tuned BT learning rate
+    for m in ("metarm", "grm", "warm-rm"):
+        cells = [c for c in res["cells"] if c["method"] == m]
+        assert len(cells) == 2 and all(c["metrics"]["pl_accuracy"] is not None for c in cells)
+        assert all(c["frontier"] for c in cells)  # meta-tested
+        assert res["method_notes"][m]["reward_backbone"] == "tiny-random-llama"
+    assert res["method_notes"]["metarm"]["target_prompts"] and not res["method_notes"]["grm"]["target_prompts"]
+    report = (out / "report.md").read_text()
+    assert "## Methods" in report and "held-out adaptation prompts' pi_ref samples (no labels)" in report
