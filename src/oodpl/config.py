@@ -182,13 +182,13 @@ class FieldConfig:
 
     # metarm (Dou et al. 2025): phi' = phi + eta * grad J(phi) on unlabelled pi_ref samples, then
     # BT(phi') - j_weight * J(phi') minimised through phi' (second order)
-    metarm_ascent_lr: float = 0.1  # eta: the step of the gradient ascent on J (0: plain BT when j_weight is 0)
-    metarm_j_weight: float = 0.0  # weight of J at the ascended weights in the minimised loss (0: the paper's loss)
-    metarm_batch_prompts: int = 4  # prompts per step whose pi_ref samples (rloo.num_samples each) make J
+    metarm_ascent_lr: float = 0.1  # metarm: eta, the step of the gradient ascent on J (0: plain BT if j_weight is 0)
+    metarm_j_weight: float = 0.0  # metarm: weight of -J(phi') in the minimised loss (0: the paper's loss, BT(phi'))
+    metarm_batch_prompts: int = 4  # metarm: prompts per step whose pi_ref samples (all pairs of each) make J
     # grm (Yang et al. 2024): BT + grm_sft_weight * SFT loss of the chosen responses through the kept LM head
-    grm_sft_weight: float = 0.01  # their scripts' weight_ratio (0: plain BT)
+    grm_sft_weight: float = 0.01  # grm: weight of the chosen responses' SFT loss (their scripts' 0.01; 0: plain BT)
     # warm-rm (Rame et al. 2024): M BT fine-tunings from one initialisation (different data orders), averaged
-    warm_members: int = 3  # M (1: the erm-rm fit itself)
+    warm_members: int = 3  # warm-rm: M, the BT fits averaged (1: the erm-rm fit itself)
 
 
 @dataclass
