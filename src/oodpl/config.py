@@ -183,6 +183,24 @@ class SelectConfig:
 
 
 @dataclass
+class FieldConfig:
+    """The field's out-of-distribution reward models (method.md, Baselines, "Methods of the field"); each trains by
+    train_rm's Bradley-Terry loop (epochs, lr, batch_size) with its own addition (field_rms.py):
+    metarm (Dou et al. 2025): phi' = phi + metarm_ascent_lr * grad J(phi) on unlabelled pi_ref samples, then
+    BT(phi') - metarm_j_weight * J(phi') minimised through phi' (second order); grm (Yang et al. 2024): BT +
+    grm_sft_weight * the SFT loss of the chosen responses through the kept LM head; warm-rm (Rame et al. 2024):
+    warm_members BT fits from one initialisation (different data orders), weight-averaged."""
+
+    # metarm: eta, the step of the gradient ascent on J (0: plain BT if j_weight is 0); not tuned: on all-MiniLM-L6-v2
+    # at initialisation |grad J| ~ 0.2, so 1.0 makes the ascent ~1/5 of one Adam step's length at lr 2e-4
+    metarm_ascent_lr: float = 1.0
+    metarm_j_weight: float = 0.0  # metarm: weight of -J(phi') in the minimised loss (0: the paper's loss, BT(phi'))
+    metarm_batch_prompts: int = 4  # metarm: prompts per step whose pi_ref samples (all pairs of each) make J
+    grm_sft_weight: float = 0.01  # grm: weight of the chosen responses' SFT loss (their scripts' 0.01; 0: plain BT)
+    warm_members: int = 3  # warm-rm: M, the BT fits averaged (1: the erm-rm fit itself)
+
+
+@dataclass
 class TrackingConfig:
     """Where every stage's metrics go besides metrics.jsonl (report_to: tensorboard and/or wandb)."""
 
@@ -207,6 +225,8 @@ class Config:
     seed: int = 0
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     quiet: bool = False
+    # last: from here on `field` in this class body names this setting, not dataclasses.field
+    field: FieldConfig = field(default_factory=FieldConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -386,6 +406,8 @@ RULES: dict[str, str] = {
     "benchmark.seeds": ">=0", "benchmark.meta_test_seeds": ">=0", "benchmark.dpo_epochs": ">=1", "benchmark.dpo_lr": ">0",
     "select.criterion": "outer_loss|pair_accuracy", "select.folds": ">=0", "select.eval_draws": ">=1",
     "reward.input_format": "concat|pair|chat",
+    "field.metarm_ascent_lr": ">=0", "field.metarm_j_weight": ">=0", "field.metarm_batch_prompts": ">=1",
+    "field.grm_sft_weight": ">=0", "field.warm_members": ">=1",
     "seed": ">=0", "report_to": "tensorboard|wandb|none",
 }
 

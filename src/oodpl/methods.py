@@ -31,7 +31,8 @@ class TrainJob:
     pairs for oracle-rm), `split` the meta-train domains (support prompts, query pairs) the bilevel and control
     trainers draw from, `init` the warm-start reward model directory, `policy()` the seed's policy at its LoRA
     initialisation (loaded once per seed by the caller), `banks` pi_ref sample banks already built for `split`'s
-    domains (None: the trainer builds them under `output`)."""
+    domains (None: the trainer builds them under `output`), `target_samples` unlabelled pi_ref samples of the other
+    prompts the reward model will be used on, for methods that see them (Method.shifted_samples)."""
 
     cfg: Config
     output: Path
@@ -46,6 +47,9 @@ class TrainJob:
     what: str = ""  # how the run is named in train.json and the trackers
     export_base: Path | None = None  # policy methods: where the base model of the saved PEFT adapter goes
     data_parallel: bool = False  # reward-model fits run data-parallel on `accelerator` (`oodpl train-rm`)
+    # (prompt, [pi_ref responses]) of the held-out domains' adaptation prompts (benchmark) or of the left-out
+    # domain's support prompts (`oodpl select` folds): prompts the meta-test aligns on, never their labels
+    target_samples: list | None = None
 
     @property
     def main_process(self) -> bool:
@@ -60,6 +64,14 @@ Trainer = Callable[[TrainJob], None]
 
 
 # ---------------------------------------------------------------------------------------------------------- trainers
+def save_reward_fit(job: TrainJob, rm, stats: dict, **extra) -> None:
+    """A fitted reward model's OUTPUT/reward_model (standard checkpoint) and OUTPUT/train.json (main process)."""
+    if job.main_process:
+        rm.save(job.reward_model_dir)
+        atomic_write_json(job.output / "train.json", {"what": job.what, "pairs": len(job.pairs),
+                                                      "lr": job.cfg.train_rm.lr, **stats, **extra})
+
+
 def train_bt(job: TrainJob) -> None:
     """Ordinary Bradley-Terry RM on job.pairs (erm-rm, oracle-rm): OUTPUT/reward_model, OUTPUT/train.json."""
     from .rm_train import fit_reward_model
@@ -67,10 +79,25 @@ def train_bt(job: TrainJob) -> None:
     rm, stats = fit_reward_model(job.cfg, job.pairs, seed=job.cfg.seed, place_on=job.accelerator,
                                  accelerator=job.accelerator if job.data_parallel else None,
                                  progress=job.progress and job.data_parallel, log=job.log)
-    if job.main_process:
-        rm.save(job.reward_model_dir)
-        atomic_write_json(job.output / "train.json", {"what": job.what, "pairs": len(job.pairs),
-                                                      "lr": job.cfg.train_rm.lr, **stats})
+    save_reward_fit(job, rm, stats)
+
+
+def _deferred(module: str, name: str) -> Trainer:
+    """The trainer `name` of `module`, imported when first called (the field's RMs import torch; listing the
+    registry stays light)."""
+    def trainer(job: TrainJob) -> None:
+        import importlib
+
+        getattr(importlib.import_module(module, __package__), name)(job)
+
+    trainer.__name__ = name
+    trainer.__doc__ = f"{module.lstrip('.')}.{name}"
+    return trainer
+
+
+train_metarm = _deferred(".field_rms", "train_metarm")  # metarm (Dou et al. 2025)
+train_grm = _deferred(".field_rms", "train_grm")  # grm (Yang et al. 2024)
+train_warm = _deferred(".field_rms", "train_warm")  # warm-rm (Rame et al. 2024)
 
 
 def train_bt_refine(job: TrainJob) -> None:
@@ -124,6 +151,11 @@ class Method:
     tuned_fallback: str | None = None  # whose choice it takes when tuned_as was not tuned
     per_domain: bool = False  # trained once per held-out domain, on that domain's oracle pairs (target labels)
     target_labels: bool = False  # uses held-out labels: an upper bound, never a competitor
+    base_choice: str | None = None  # whose tuned choice it takes before its own (the BT fit's train_rm.lr: erm-rm)
+    # trains on unlabelled pi_ref samples of the prompts its RM will be used on (job.target_samples: the held-out
+    # domains' adaptation prompts, never their labels); the report says so
+    shifted_samples: bool = False
+    decoder_rm: bool = False  # needs a decoder reward backbone (reward.name_or_path on a causal LM, e.g. the policy's)
 
     @property
     def optimised(self) -> bool:
@@ -141,7 +173,8 @@ class Method:
 
     @property
     def standalone(self) -> bool:
-        """Trains a reward model from labelled pairs alone (no warm start, no policy): `oodpl train-rm --method`."""
+        """Trains a reward model from labelled pairs (and pi_ref samples where shifted_samples), without a warm start
+        or meta-training: `oodpl train-rm --method`."""
         return self.output == REWARD_MODEL and self.trainer is not None and self.warm_start is None \
             and not self.bilevel and not self.per_domain
 
@@ -177,6 +210,16 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     _ablation("meta-rm-scratch", "ablation: a fresh scalar head instead of the erm-rm warm start",
               {"meta.init": "scratch"}, warm_start=None),
     _ablation("meta-rm-raw", "ablation: raw rewards (no reward standardisation)", {"rloo.reward_norm": "none"}),
+    # the field's reward models for out-of-distribution use (field_rms.py): trained on the same pooled pairs by the
+    # same BT loop (train_rm.*, erm-rm's tuned learning rate), each tuned by its own setting (field.*)
+    Method("metarm", "MetaRM (Dou et al., AAAI 2025): before each BT step, gradient ascent on the spread J of the "
+           "RM's rewards over unlabelled pi_ref samples of the prompts it will be used on; BT at the ascended weights, "
+           "second order", REWARD_MODEL, train_metarm, tuned_as="metarm", base_choice="erm-rm", shifted_samples=True),
+    Method("grm", "GRM (Yang et al., NeurIPS 2024): a decoder RM that keeps its LM head; BT + a weight times the SFT "
+           "loss of the chosen responses, regularising the shared hidden states", REWARD_MODEL, train_grm,
+           tuned_as="grm", base_choice="erm-rm", decoder_rm=True),
+    Method("warm-rm", "WARM (Rame et al., ICML 2024): M BT reward models from one initialisation with different data "
+           "orders, weight-averaged", REWARD_MODEL, train_warm, tuned_as="warm-rm", base_choice="erm-rm"),
 ]}
 
 ERM = "erm-rm"  # ordinary RLHF: the first baseline, the warm start, and the other side of win_rate_vs_erm
@@ -207,17 +250,41 @@ def method_config(cfg: Config, seed: int, method: str | None = None, selected: d
 
     selected = selected or {}
     m = METHODS.get(method) if method else None
-    choice: dict = {}
+    choice: dict = dict(selected.get(m.base_choice, {})) if m is not None and m.base_choice else {}
     if m is not None and m.tuned_as is not None:
         if m.tuned_as in selected:
-            choice = selected[m.tuned_as]
+            choice = {**choice, **selected[m.tuned_as]}
         elif m.tuned_fallback is not None:
             # erm-rm-extra is meta-rm without the hypergradient: when only meta-rm was tuned it takes meta-rm's
             # choice (same keys), so the control is never left at a default the method was tuned away from
-            choice = selected.get(m.tuned_fallback, {})
+            choice = {**choice, **selected.get(m.tuned_fallback, {})}
     c = with_overrides(cfg, {**choice, **(m.overrides if m else {})}, where=f"select/{method}")
     c.seed = seed
     return c
+
+
+def check_requirements(cfg: Config, methods: list[str]) -> None:
+    """UserError before any training when a method cannot run with this config (a decoder RM it needs)."""
+    needs_decoder = [n for n in methods if get(n).decoder_rm]
+    if needs_decoder:
+        from .models import reward_backbone_is_decoder
+
+        if not reward_backbone_is_decoder(cfg.reward):
+            raise UserError(f"{', '.join(needs_decoder)} needs a decoder reward model, but reward.name_or_path="
+                            f"{cfg.reward.name_or_path} is an encoder; set --set reward.name_or_path="
+                            "smollm2-135m-instruct (the policy's architecture) for every reward model of the run")
+
+
+def method_notes(cfg: Config, methods: list[str]) -> dict[str, dict]:
+    """What the report says of each method beside its numbers: its reward backbone, warm start, whether it saw
+    unlabelled target prompts or used target labels."""
+    out = {}
+    for n in methods:
+        m = get(n)
+        out[n] = {"summary": m.summary, "output": m.output,
+                  "reward_backbone": cfg.reward.name_or_path if m.output == REWARD_MODEL else None,
+                  "warm_start": m.warm_start, "target_prompts": m.shifted_samples, "target_labels": m.target_labels}
+    return out
 
 
 def describe() -> str:

@@ -175,6 +175,14 @@ def tiny_reward_model(tokenizer, seed: int = 0, arch: str = "tiny") -> nn.Module
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
+    if arch == "llama":  # a decoder RM (the tiny policy's architecture): score head at the last non-pad token
+        from transformers import LlamaConfig, LlamaForSequenceClassification
+
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, num_labels=1,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True))
     if arch == "minilm-l6":  # all-MiniLM-L6-v2's configuration (BERT), random weights
         return BertForSequenceClassification(BertConfig(
             vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
@@ -426,6 +434,15 @@ class RewardModel:
             mask[i, : len(r)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        """How many leading input tokens of each row are the prompt's (the rest is the response), counted as GRM's
+        scripts count them: the prompt tokenised alone (chat: the user message with the generation prompt)."""
+        tok = self.tokenizer
+        if self.input_format == "chat":
+            return [len(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True, return_dict=True,
+                                                add_generation_prompt=True)["input_ids"]) for p in prompts]
+        return [len(tok(text=p)["input_ids"]) for p in prompts]
+
     def forward_encoded(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         dev = next(self.model.parameters()).device
         with autocast(self.model, dev):
@@ -491,22 +508,61 @@ def stored_input_format(source: str | Path) -> str | None:
     return value
 
 
+def reward_source(name: str) -> str:
+    """The directory (or hub id) a reward model loads from. A decoder backbone may be the policy's own: its alias or
+    a GGUF file is converted once to a plain checkpoint (as for the policy) and a scalar head put on it."""
+    if name in REWARD_ALIASES:
+        return str(_package_file(*REWARD_ALIASES[name]))
+    if name in POLICY_ALIASES:
+        gguf = _package_file(*POLICY_ALIASES[name])
+        return str(_plain_checkpoint_from_gguf(str(gguf.parent), gguf.name, torch.float32))
+    source, gguf = resolve_source(name, "reward model")
+    return str(_plain_checkpoint_from_gguf(source, gguf, torch.float32)) if gguf else source
+
+
+def _decoder_only(model_type: str | None) -> bool:
+    """A causal-LM architecture that is not also a masked LM (BERT-likes have causal-LM heads too)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def is_decoder_reward_model(model: nn.Module) -> bool:
+    """A decoder backbone with a `score` head read at the last non-pad token (LlamaForSequenceClassification and its
+    kind), as TRL trains and scores decoder RMs; an encoder RM (BERT: `classifier` on the pooled [CLS]) is not."""
+    return isinstance(getattr(model, "score", None), nn.Linear) and _decoder_only(getattr(model.config, "model_type",
+                                                                                          None))
+
+
+def reward_backbone_is_decoder(cfg: RewardConfig) -> bool:
+    """Whether cfg.reward names a decoder backbone, read from its config alone (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    if cfg.name_or_path in (TINY, RANDOM_MINILM, TINY_LLAMA):
+        return cfg.name_or_path == TINY_LLAMA
+    if cfg.name_or_path in POLICY_ALIASES:
+        return True
+    try:
+        config = AutoConfig.from_pretrained(reward_source(cfg.name_or_path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the config of reward model {cfg.name_or_path}: {str(e).splitlines()[0]}") \
+            from None
+    return _decoder_only(config.model_type)
+
+
 def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     dtype = _dtype(cfg.dtype)
     torch.manual_seed(seed)  # the scalar head is freshly initialised on a plain backbone
-    if cfg.name_or_path in (TINY, RANDOM_MINILM):
+    tiny = {TINY: "tiny", RANDOM_MINILM: "minilm-l6", TINY_LLAMA: "llama"}
+    if cfg.name_or_path in tiny:
         tokenizer = tiny_tokenizer()
-        model = tiny_reward_model(tokenizer, seed, "minilm-l6" if cfg.name_or_path == RANDOM_MINILM else "tiny").to(dtype)
+        model = tiny_reward_model(tokenizer, seed, tiny[cfg.name_or_path]).to(dtype)
     else:
-        if cfg.name_or_path in REWARD_ALIASES:
-            source = str(_package_file(*REWARD_ALIASES[cfg.name_or_path]))
-        else:
-            source, gguf = resolve_source(cfg.name_or_path, "reward model")
-            if gguf:
-                raise UserError("reward models from GGUF files are not supported; pass a model directory")
+        source = reward_source(cfg.name_or_path)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected for a plain backbone
         try:
@@ -521,8 +577,7 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()  # deterministic scores: the hypergradient assumes r_phi is a function
-    stored = (stored_input_format(source) if cfg.name_or_path not in (TINY, RANDOM_MINILM) and Path(source).is_dir()
-              else None)
+    stored = stored_input_format(source) if cfg.name_or_path not in tiny and Path(source).is_dir() else None
     input_format = cfg.input_format or stored or DEFAULT_INPUT_FORMAT
     if stored and cfg.input_format and cfg.input_format != stored:
         log.warning("reward.input_format %s overrides %s recorded in %s/%s", cfg.input_format, stored, source,

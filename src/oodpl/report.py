@@ -695,6 +695,21 @@ def _timings_lines(results: dict) -> list[str]:
     return L
 
 
+def _method_lines(results: dict) -> list[str]:
+    """Each method's reward backbone, warm start and what of the held-out domains it saw (results' method_notes)."""
+    notes = results.get("method_notes") or {}
+    if not notes:
+        return []
+    rows = []
+    for name, n in notes.items():
+        seen = ("held-out labels (upper bound)" if n.get("target_labels") else
+                "held-out adaptation prompts' pi_ref samples (no labels)" if n.get("target_prompts") else "-")
+        rows.append([f"`{name}`", f"`{n['reward_backbone']}`" if n.get("reward_backbone") else "-",
+                     n.get("warm_start") or "-", seen, n.get("summary", "")])
+    return ["## Methods", ""] + _table(["method", "reward backbone", "warm start", "sees of the held-out domains",
+                                        "what it is"], rows) + [""]
+
+
 def render_report(results: dict, plots: list[str], directory: Path) -> str:
     """report.md as markdown. `plots` are the paths make_plots returned (relative to `directory`)."""
     plots = list(plots)
@@ -710,6 +725,7 @@ def render_report(results: dict, plots: list[str], directory: Path) -> str:
              f"beta_test {results.get('betas')}.")
     L.append("")
 
+    L += _method_lines(results)
     L += ["## Verdicts", ""]
     L.append(f"Primary endpoints (fixed before any run): {', '.join(PRIMARY)}. Secondary: {', '.join(SECONDARY)}. "
              "Each sentence comes from a paired comparison over (seed, domain) cells: the 95% t-interval over seeds "

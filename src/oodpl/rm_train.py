@@ -59,24 +59,51 @@ def accuracy_by_domain(rm: RewardModel, pairs: list[PairRecord]) -> dict[str, fl
 
 
 def fit_reward_model(cfg, pairs: list[PairRecord], seed: int, place_on=None, accelerator=None,
-                     progress: bool = False, log=None) -> tuple[RewardModel, dict]:
+                     progress: bool = False, log=None, init_seed: int | None = None,
+                     step_loss=None) -> tuple[RewardModel, dict]:
     """THE Bradley-Terry fit of oodpl (erm-rm, oracle-rm, the warm start of meta-training, `oodpl select`'s folds,
-    `oodpl train-rm`): a fresh reward model of cfg.reward (seeded), placed on `place_on`'s device, trained by
-    train_reward_model with cfg.train_rm. Returns the model and the training stats."""
+    `oodpl train-rm`, the field's RMs): a fresh reward model of cfg.reward (seeded by `init_seed`, default `seed`),
+    placed on `place_on`'s device, trained by train_reward_model with cfg.train_rm and data order `seed`.
+    `step_loss(rm)` builds the loss of one minibatch (default BTStep: Bradley-Terry alone). Returns the model and the
+    training stats."""
     from .models import load_reward_model, place
     from .runlog import seed_everything
 
     seed_everything(seed)
-    rm = load_reward_model(cfg.reward, seed=seed)
+    rm = load_reward_model(cfg.reward, seed=seed if init_seed is None else init_seed)
     place(rm, place_on)
-    stats = train_reward_model(rm, pairs, cfg.train_rm, seed=seed, accelerator=accelerator, progress=progress, log=log)
+    stats = train_reward_model(rm, pairs, cfg.train_rm, seed=seed, accelerator=accelerator, progress=progress, log=log,
+                               step_loss=(step_loss or BTStep)(rm))
     return rm, stats
 
 
+class BTStep:
+    """The loss of one minibatch of pairs: Bradley-Terry on the RM's rewards of chosen and rejected responses.
+    Called as step(model, chunk, device) -> (loss, {name: value to log}); `model` is rm.model as prepared by the
+    accelerator. Other methods' steps build on it (field_rms)."""
+
+    def __init__(self, rm: RewardModel):
+        self.rm = rm
+
+    def encodings(self, chunk: list[PairRecord]) -> tuple[dict, dict]:
+        prompts = [p.prompt for p in chunk]
+        return self.rm.encode(prompts, [p.chosen for p in chunk]), self.rm.encode(prompts, [p.rejected for p in chunk])
+
+    @staticmethod
+    def rewards(model, enc: dict, device) -> torch.Tensor:
+        return model(**{k: v.to(device) for k, v in enc.items()}).logits.squeeze(-1)
+
+    def __call__(self, model, chunk: list[PairRecord], device) -> tuple[torch.Tensor, dict]:
+        enc_c, enc_r = self.encodings(chunk)
+        loss = bradley_terry_loss(self.rewards(model, enc_c, device), self.rewards(model, enc_r, device))
+        return loss, {"bt_loss": float(loss.detach())}
+
+
 def train_reward_model(rm: RewardModel, pairs: list[PairRecord], cfg: TrainRMConfig, seed: int = 0,
-                       accelerator=None, progress: bool = True, log=None) -> dict:
-    """Minimise BT(r_phi; pairs) with AdamW; returns {"steps", "train_loss", "seconds"}. `log(step, dict)` is called
-    every step when given."""
+                       accelerator=None, progress: bool = True, log=None, step_loss=None) -> dict:
+    """Minimise BT(r_phi; pairs) (or `step_loss`, a BTStep-like callable) with AdamW, minibatches in an order drawn
+    from `seed`; returns {"steps", "train_loss", "seconds"}. `log(step, dict)` is called every step when given."""
+    step_loss = step_loss or BTStep(rm)
     accelerator = accelerator or make_accelerator()
     model = rm.model
     model.train(False)  # dropout off: the same r_phi the bilevel method and the meta-test see
@@ -97,22 +124,16 @@ def train_reward_model(rm: RewardModel, pairs: list[PairRecord], cfg: TrainRMCon
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank::world]  # each process its share
             chunk = [pairs[i] for i in idx] or [pairs[order[0]]]
-            prompts = [p.prompt for p in chunk]
-            enc_c = rm.encode(prompts, [p.chosen for p in chunk])
-            enc_r = rm.encode(prompts, [p.rejected for p in chunk])
-            dev = accelerator.device
-            r_c = model(**{k: v.to(dev) for k, v in enc_c.items()}).logits.squeeze(-1)
-            r_r = model(**{k: v.to(dev) for k, v in enc_r.items()}).logits.squeeze(-1)
-            loss = bradley_terry_loss(r_c, r_r)
+            loss, logged = step_loss(model, chunk, accelerator.device)
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             opt.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if log is not None:
-                log(step, {"bt_loss": losses[-1]})
+                log(step, logged)
     bar.close()
     rm.model = accelerator.unwrap_model(model)
     return {"steps": step, "train_loss": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),

@@ -150,12 +150,19 @@ class _Selection:
             registry.train_bt(self.fold_job(c, d, path))
         return path / "reward_model"
 
-    def fold_job(self, c: Config, d: str, run: Path, warm_start: str | None = None) -> registry.TrainJob:
-        """The fold's inputs: everything but domain d (its pairs, its meta-train domains and their shared banks)."""
+    def fold_job(self, c: Config, d: str, run: Path, warm_start: str | None = None,
+                 target_prompts: bool = False) -> registry.TrainJob:
+        """The fold's inputs: everything but domain d (its pairs, its meta-train domains and their shared banks);
+        with `target_prompts`, d's pi_ref samples without labels (d stands for a held-out domain, whose adaptation
+        prompts' samples such a method sees in the benchmark)."""
+        from .field_rms import prompt_groups_from_banks
+
         return registry.TrainJob(c, run, pairs=self.fold_pairs(d), split=self.fold_split(d),
                                  init=self.init_rm(d) if warm_start else None, policy=self.policy_at_init.get,
                                  banks={n: b for n, b in self.banks.items() if n != d}, accelerator=self.accelerator,
-                                 what=f"fold {d}")
+                                 what=f"fold {d}",
+                                 target_samples=prompt_groups_from_banks({d: self.banks[d]}) if target_prompts
+                                 else None)
 
     def run_fold(self, method: str, c: Config, d: str, run: Path) -> dict:
         """Train `method` with candidate config `c` without domain d (its own trainer, as the benchmark trains it),
@@ -165,7 +172,7 @@ class _Selection:
         m = registry.get(method)
         c = copy.deepcopy(c)
         c.quiet = True
-        m.trainer(self.fold_job(c, d, run, m.warm_start))
+        m.trainer(self.fold_job(c, d, run, m.warm_start, m.shifted_samples))
         if m.output == registry.POLICY:
             return self.score_policy(c, d)
         rm = load_reward_checkpoint(run / "reward_model", self.cfg.reward)

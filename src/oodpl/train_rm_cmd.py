@@ -1,5 +1,7 @@
 """`oodpl train-rm`: a reward model trained on pooled pairs by one of the registry's stand-alone methods (erm-rm, the
-Bradley-Terry fit, by default), with per-domain pair accuracy on held-back pairs before and after."""
+Bradley-Terry fit, by default; metarm, grm, warm-rm), with per-domain pair accuracy on held-back pairs before and
+after. A method that sees pi_ref samples (metarm) samples them on the split's support prompts (with --pairs: on up to
+data.support_size distinct prompts per domain of the training pairs) with the config's policy."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ def train_rm_command(cfg: Config, output: str | Path, pairs_path: str | None = N
     if method not in standalone_methods():
         raise UserError(f"train-rm --method {method}: choose one of {', '.join(standalone_methods())} (meta-rm is "
                         "trained by `oodpl meta-train`, the others by `oodpl benchmark`)")
+    m = registry.get(method)
+    registry.check_requirements(cfg, [method])
     accelerator = make_accelerator()  # under `accelerate launch`: data-parallel BT steps, main process writes
     main = accelerator.is_main_process
     run_dir = Path(output)
@@ -41,10 +45,12 @@ def train_rm_command(cfg: Config, output: str | Path, pairs_path: str | None = N
             raise UserError(f"{run_dir} already holds a finished train-rm run; choose another --output")
         accelerator.wait_for_everyone()
         seed_everything(cfg.seed)
+        split = None
         if pairs_path:
             pairs = read_pairs(pairs_path, columns or cfg.data.columns, cfg.data.encoding)
         else:
-            pairs = build_split(cfg.data).pooled_pairs()
+            split = build_split(cfg.data)
+            pairs = split.pooled_pairs()
         if len(pairs) < 2:
             raise UserError(f"train-rm needs at least 2 pairs, got {len(pairs)}")
         train, held = split_eval(pairs, cfg.train_rm.eval_fraction, cfg.seed)
@@ -53,7 +59,15 @@ def train_rm_command(cfg: Config, output: str | Path, pairs_path: str | None = N
         logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, config=cfg.to_dict(), tracking=cfg.tracking,
                                stage="train-rm")
         job = registry.TrainJob(cfg, run_dir, pairs=train, accelerator=accelerator, log=logger.log,
-                                progress=not cfg.quiet, what=method, data_parallel=True)
+                                progress=not cfg.quiet, what=method, data_parallel=True, split=split)
+        if m.shifted_samples:  # pi_ref samples of the prompts: the split's support prompts, else the pairs' prompts
+            from .field_rms import pair_prompt_banks
+            from .models import load_policy
+
+            policy = place(load_policy(cfg.policy, seed=cfg.seed), accelerator)
+            job.policy = lambda: policy
+            if split is None:
+                job.banks = pair_prompt_banks(policy, train, cfg)
         registry.get(method).trainer(job)
         logger.close()
         accelerator.wait_for_everyone()
