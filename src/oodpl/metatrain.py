@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .bilevel import DomainTask, PreferenceSet, gradient_term_norms, meta_gradient
+from .bilevel import DemonstrationSet, DomainTask, PreferenceSet, gradient_term_norms, meta_gradient
 from .objectives import pair_accuracy
 from .config import Config, dump_config, resolved_hypergrad
 from .data.split import DomainSplit, build_split
@@ -33,7 +33,7 @@ from .sampling import SampleBank, build_bank
 
 # per-domain statistics of meta_gradient, averaged over the meta-batch (across processes too)
 MEAN_STATS = ("outer_loss", "outer_loss_before", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std",
-              "inner_kl", "inner_step_length", "headroom", "alignment", "first_order_drop")
+              "inner_kl", "inner_step_length", "inner_iw_std", "headroom", "alignment", "first_order_drop")
 
 
 class TrainingDiverged(UserError):
@@ -74,6 +74,34 @@ def build_query_sets(policy: Policy, split: DomainSplit, names: list[str] | None
         out[name] = PreferenceSet.build(policy, [p.prompt for p in pairs], [p.chosen for p in pairs],
                                         [p.rejected for p in pairs])
     return out
+
+
+def build_demonstration_sets(policy: Policy, split: DomainSplit, cfg: Config,
+                             banks: dict[str, SampleBank]) -> dict[str, DemonstrationSet]:
+    """meta.inner_candidates=samples+demos: each meta-train domain's demonstrations, the human continuations of its
+    bank's support prompts (same order as the bank), never one of the domain's query responses (the outer data)."""
+    out = {}
+    for name in sorted(split.meta_train):
+        domain = split.meta_train[name]
+        support = domain.support_prompts[: cfg.meta.bank_size or None]
+        if banks[name].prompts[: len(support)] != [p.prompt for p in support]:
+            raise ValueError(f"the sample bank of {name} does not hold its support prompts in the split's order")
+        outer = [t for pair in domain.query_pairs for t in (pair.chosen, pair.rejected)]
+        out[name] = DemonstrationSet.build(policy, [p.prompt for p in support], [p.reference for p in support], outer)
+        if len(out[name]) == 0:
+            raise UserError(f"meta.inner_candidates=samples+demos: meta-train domain {name} has no support prompt with "
+                            "a human continuation (`reference`); give its prompts a reference (data.prompts_path) or "
+                            "set meta.inner_candidates=samples")
+    return out
+
+
+def domain_task(name: str, inner: list[list[int]], query: list[int], banks: dict[str, SampleBank],
+                queries: dict[str, PreferenceSet], demos: dict[str, DemonstrationSet] | None, rm: RewardModel,
+                pad: int) -> DomainTask:
+    """One drawn domain's DomainTask: its inner batches read from the bank (with the same support prompts'
+    demonstrations under samples+demos) and its query pairs."""
+    return DomainTask(name, [banks[name].select(b, pad, rm) for b in inner], queries[name].select(query, pad, rm),
+                      None if demos is None else [demos[name].select(b, pad, rm) for b in inner])
 
 
 def draw_tasks(step: int, cfg: Config, names: list[str], banks: dict[str, SampleBank | int],
@@ -179,6 +207,8 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
             banks = load_or_build_banks(policy, split, cfg, run_dir / "bank", accelerator, progress)
     with phase(timings, "query_sets"):
         queries = build_query_sets(policy, split)
+        demos = (build_demonstration_sets(policy, split, cfg, banks)
+                 if cfg.meta.inner_candidates == "samples+demos" else None)
     names = sorted(split.meta_train)
 
     params = [p for p in rm.model.parameters() if p.requires_grad]
@@ -207,8 +237,7 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
         drawn = draw_tasks(step, cfg, names, banks, queries)
         mine = drawn[rank::world]
         with phase(step_times, "bank_reads"):
-            tasks = [DomainTask(name, [banks[name].select(b, pad, rm) for b in inner],
-                                queries[name].select(q, pad, rm)) for name, inner, q in mine]
+            tasks = [domain_task(name, inner, q, banks, queries, demos, rm, pad) for name, inner, q in mine]
         parts: dict[str, list[torch.Tensor]] = {}
         if sharded:  # DeepSpeed's backward reduce-scatters the gradients (a mean over processes), clips and steps
             stats = meta_gradient(policy, rm, tasks, cfg.meta, cfg.rloo, scale=len(drawn) / world,
@@ -272,6 +301,8 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
     logger.close()
     summary = {"outer_steps": cfg.meta.outer_steps, "hypergrad": mode, "domains": names,
                "timings": timings, "reward_model": str(final_dir)}
+    if demos is not None:  # demonstrations per domain (support prompts with a reference not among the query responses)
+        summary["demonstrations"] = {name: len(d) for name, d in demos.items()}
     save_checkpoint(run_dir, step, rm, policy, optimizer, accelerator)
     rm.model = accelerator.unwrap_model(rm.model)
     if main:
