@@ -262,8 +262,8 @@ def adapted_kl(policy: Policy, samples: Samples, theta: dict[str, torch.Tensor])
     mean_j f(w_j), f(w) = w log w - w + 1, w = pi_theta / pi_ref: unbiased (E_ref[w] = 1) and never negative. When
     the step moves the policy off the bank's support (w -> 0) the estimate saturates near 1 nat: a sign that
     meta.inner_lr is too large, not a measurement of the true KL. Samples drawn from another policy b (a warm theta_d)
-    use mean_j [w_j log w_j - v_j + pi_ref/b], v = pi_theta / b, w log w weighted by v/w: the same estimator
-    reweighted (unbiased; equal to the above for b = pi_ref, but no longer non-negative sample by sample)."""
+    use mean_j [v_j log w_j - v_j + pi_ref/b], v = pi_theta / b: the same estimator importance-weighted (unbiased;
+    equal to the above for b = pi_ref, but no longer non-negative sample by sample)."""
     logp = policy.logprobs(samples.batch, params={k: v.detach() for k, v in theta.items()})
     ref = samples.ref_logp.to(logp.device)
     behaviour = ref if samples.behaviour_logp is None else samples.behaviour_logp.to(logp.device)
@@ -310,11 +310,14 @@ def logprob_jvp(policy: Policy, batch: SequenceBatch, theta: dict[str, torch.Ten
 
 
 def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], meta: MetaConfig,
-                       rloo: RLOOConfig, timings: dict[str, float] | None = None
+                       rloo: RLOOConfig, timings: dict[str, float] | None = None,
+                       adapted: dict[str, dict[str, torch.Tensor]] | None = None
                        ) -> tuple[list[torch.Tensor], float, list[dict]]:
     """dL_out/dr_j for the candidates of every inner step (stage 1 of the hypergradient: its samples, then its
     demonstrations), L_out(theta_K), and per-step stats (the last one also holds `kl_after` and `step_length`,
-    measured at theta_K)."""
+    measured at theta_K). `adapted` receives theta_K (detached) under the task's name: the warm start keeps it.
+
+    From a warm theta_d the hypergradient is this outer step's: theta_d is a constant (truncated at theta_d)."""
     mode = resolved_hypergrad(meta)
     if mode == "unrolled":
         leaves = [r.detach().clone().requires_grad_() for r in rewards]
@@ -323,7 +326,7 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
             loss = outer_loss(policy, thetas[-1], task.query, rloo.beta)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(r) if g is None else g for r, g in zip(rewards, grads)]
-        _after_step_stats(policy, task, thetas, stats, rloo.beta)
+        _after_step_stats(policy, task, thetas, stats, rloo.beta, adapted)
         # leverage of the first step (method.md, "Leverage"), with v at theta_K as the truncated form takes it
         theta_K = {k: v.detach().requires_grad_() for k, v in thetas[-1].items()}
         with torch.enable_grad():
@@ -357,7 +360,7 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
                                                                 inner_reward_scale(rloo))])
         grads.append(g)
     with phase(timings, "inner_policy_steps"):
-        _after_step_stats(policy, task, thetas, stats, rloo.beta)
+        _after_step_stats(policy, task, thetas, stats, rloo.beta, adapted)
     return grads, float(loss.detach()), stats
 
 
@@ -390,13 +393,18 @@ def step_leverage_stats(task: DomainTask, k: int, s_tilde: torch.Tensor, c_demo:
     return step_stats(s_tilde, r_samples, meta.inner_lr, task.inner[k].n, rloo.reward_norm, demos)
 
 
-def _after_step_stats(policy: Policy, task: DomainTask, thetas: list[dict], stats: list[dict], beta: float) -> None:
+def _after_step_stats(policy: Policy, task: DomainTask, thetas: list[dict], stats: list[dict], beta: float,
+                      adapted: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    if adapted is not None:  # theta_K, for the warm start
+        adapted[task.name] = {k: t.detach() for k, t in thetas[-1].items()}
     stats[-1]["kl_after"] = adapted_kl(policy, task.inner[-1], thetas[-1])
     stats[-1]["step_length"] = step_length(thetas[0], thetas[-1])
     # the outer loss before the inner step (at theta_0): beside L_out(theta_K) it shows whether the step under r_phi
     # moves the policy towards the domain's human preferences at all (a diagnostic; one forward on the query pairs)
     with torch.no_grad():
         stats[-1]["outer_loss_before"] = float(outer_loss(policy, thetas[0], task.query, beta))
+    # how far a warm theta_d already is from pi_ref (0 from theta_init, which is pi_ref)
+    stats[-1]["kl_start"] = 0.0 if task.theta_start is None else adapted_kl(policy, task.inner[0], thetas[0])
 
 
 def _flat_grads(output: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = False) -> list[torch.Tensor]:
@@ -411,7 +419,8 @@ def _norm(tensors: list[torch.Tensor]) -> float:
 def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta: MetaConfig, rloo: RLOOConfig,
                   scale: float | None = None, timings: dict[str, float] | None = None,
                   backward: Callable[[torch.Tensor], None] | None = None,
-                  parts: dict[str, list[torch.Tensor]] | None = None) -> dict[str, float]:
+                  parts: dict[str, list[torch.Tensor]] | None = None,
+                  adapted: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
     """Accumulate dF/dphi into the reward model's .grad for a meta-batch of domains; return stats.
 
         dF/dphi = sum_d [ hypergradient_d + lambda_bt * grad BT_d ] / scale
@@ -423,19 +432,22 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
     grad BT; the trainer all-reduces them to log the norms and ratio of the global sums). `backward`: None writes into
     .grad directly; a callable receives the summed surrogate of the meta-batch in one call (DeepSpeed ZeRO reduces
     gradients once per backward and its backward also takes the optimiser step); the two terms are then not
-    measured apart (ZeRO hooks every gradient of its parameters) and their norms are None."""
+    measured apart (ZeRO hooks every gradient of its parameters) and their norms are None. `adapted` receives every
+    task's theta_K by name (the warm start stores them back)."""
     scale = float(scale or len(tasks))
     params = [p for p in getattr(rm, "model", rm).parameters() if p.requires_grad]  # RewardModel or a bare module
     hyper = [torch.zeros_like(p) for p in params]
     bt_grad = [torch.zeros_like(p) for p in params]
     keys = ("outer_loss", "outer_loss_before", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std",
-            "inner_kl", "inner_step_length", "inner_iw_std", "headroom", "alignment", "first_order_drop")
+            "inner_kl", "inner_kl_start", "inner_step_length", "inner_iw_std", "headroom", "alignment",
+            "first_order_drop")
     out = dict.fromkeys(keys, 0.0)
     pending: list[torch.Tensor] = []
     for task in tasks:
         with phase(timings, "rm_forward"):
             rewards = candidate_rewards(rm, task)  # RM graph kept apart from the policy's
-        dL_dr, loss, stats = reward_value_grads(policy, task, [r.detach() for r in rewards], meta, rloo, timings)
+        dL_dr, loss, stats = reward_value_grads(policy, task, [r.detach() for r in rewards], meta, rloo, timings,
+                                                adapted)
         with phase(timings, "rm_backward"):
             surrogate = sum((g.to(r.device, r.dtype) * r).sum() for g, r in zip(dL_dr, rewards)) / scale
             r_c = rm.forward_encoded(task.query.rm_chosen)
@@ -458,6 +470,7 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
         out["inner_reward"] += stats[0]["reward"] / len(tasks)
         out["inner_reward_std"] += stats[0]["reward_std"] / len(tasks)
         out["inner_kl"] += stats[-1]["kl_after"] / len(tasks)
+        out["inner_kl_start"] += stats[-1]["kl_start"] / len(tasks)
         out["inner_step_length"] += stats[-1]["step_length"] / len(tasks)
         # the spread of pi_theta_k / pi_behaviour at the last inner step (0 at K = 1: its samples are on-policy)
         out["inner_iw_std"] += stats[-1]["iw_std"] / len(tasks)

@@ -118,7 +118,7 @@ class MetaConfig:
     demo_weight: float = 1.0  # weight of the demonstrations' term in the inner gradient (samples+demos)
     # theta_0 of the inner steps: "init" (theta_init) or "warm" (the domain's last theta_K, fresh samples from it)
     inner_start: str = "init"
-    inner_reset: int = 10  # inner_start=warm: every this many outer steps each domain's theta_d is theta_init again
+    inner_reset: int = 10  # inner_start=warm: theta_d = theta_init again every this many outer steps (1 = init)
     grad_clip: float = 1.0
     checkpoint_every: int = 10
     log_every: int = 1
