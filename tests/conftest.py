@@ -7,12 +7,14 @@ import os
 import pytest
 import torch
 
-from oodpl.bilevel import DomainTask, make_preference_batch
+from oodpl.bilevel import DemonstrationSet, DomainTask, make_preference_batch
 from oodpl.config import PolicyConfig, RewardConfig
 from oodpl.models import load_policy, load_reward_model
 from oodpl.sampling import build_bank
 
 PROMPTS = ["the film was", "my order came", "service here is", "i think that", "the plot felt", "overall it"]
+# the prompts' human continuations: the demonstrations of meta.inner_candidates=samples+demos
+REFERENCES = ["a quiet gem", "late but fine", "friendly enough", "we should go", "slow at first", "worth it"]
 PAIRS = [
     ("the film was", "truly wonderful and fun", "dull and a waste"),
     ("my order came", "early and well packed", "broken, never again"),
@@ -28,15 +30,20 @@ def tiny_models(dtype: str = "float64", seed: int = 0, trainable: str = "lora"):
     return policy, rm
 
 
-def tiny_tasks(policy, rm, K: int = 1, n: int = 3, B: int = 2, domains: int = 2, seed: int = 0):
-    """Meta-batch of `domains` tasks with K inner sample batches each, drawn from a bank of pi_ref samples."""
+def tiny_tasks(policy, rm, K: int = 1, n: int = 3, B: int = 2, domains: int = 2, seed: int = 0,
+               demos: bool = False):
+    """Meta-batch of `domains` tasks with K inner sample batches each, drawn from a bank of pi_ref samples; with
+    `demos`, each inner batch's prompts' REFERENCES as its demonstrations (meta.inner_candidates=samples+demos)."""
     bank = build_bank(policy, PROMPTS, n=n, seed=seed)
+    demo_set = DemonstrationSet.build(policy, PROMPTS, REFERENCES) if demos else None
+    pad = policy.tokenizer.pad_token_id
     tasks = []
     for d in range(domains):
-        inner = [bank.select([(d + 2 * k + i) % len(PROMPTS) for i in range(B)], policy.tokenizer.pad_token_id, rm)
-                 for k in range(K)]
+        batches = [[(d + 2 * k + i) % len(PROMPTS) for i in range(B)] for k in range(K)]
         p, c, r = zip(*PAIRS)
-        tasks.append(DomainTask(f"d{d}", inner, make_preference_batch(policy, rm, list(p), list(c), list(r))))
+        tasks.append(DomainTask(f"d{d}", [bank.select(b, pad, rm) for b in batches],
+                                make_preference_batch(policy, rm, list(p), list(c), list(r)),
+                                [demo_set.select(b, pad, rm) for b in batches] if demos else None))
     return tasks
 
 

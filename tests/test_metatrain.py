@@ -98,15 +98,20 @@ def assert_same_run(full: Path, resumed: Path, steps: int) -> None:
         list(range(1, steps + 1))
 
 
-def test_resume_after_sigkill_is_exact(tmp_path):
-    """Kill a run with SIGKILL after its first checkpoint; the resumed run ends with the uninterrupted run's weights."""
-    args = tiny_args(tmp_path, steps=16, every=2)
+def run_killed_and_resumed(tmp_path: Path, args: list[str], checkpoint: str) -> tuple[Path, Path]:
+    """An uninterrupted run, and the same run SIGKILLed once `checkpoint` exists and resumed: (full, killed)."""
     full = tmp_path / "full"
     assert main(["--quiet", "meta-train", "-o", str(full), *args]) == 0
     killed = tmp_path / "killed"
     kill_after_checkpoint([sys.executable, "-m", "oodpl.cli", "--quiet", "meta-train", "-o", str(killed), *args],
-                          killed, "step-000004", env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          killed, checkpoint, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert main(["--quiet", "meta-train", "-o", str(killed), *args, "--resume"]) == 0
+    return full, killed
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    """Kill a run with SIGKILL after its first checkpoint; the resumed run ends with the uninterrupted run's weights."""
+    full, killed = run_killed_and_resumed(tmp_path, tiny_args(tmp_path, steps=16, every=2), "step-000004")
     assert_same_run(full, killed, 16)
 
 

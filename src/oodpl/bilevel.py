@@ -12,6 +12,14 @@ The hypergradient is computed in two stages so that the reward model's graph nev
                               v = grad_theta L_out(theta_K), s~ = leave-one-out centred s
        unrolled:              exact reverse mode through all K inner steps (create_graph), rewards as leaves
   2. one weighted backward pass through the reward model: sum_j dL/dr_j * r_phi(x, y_j).
+
+Two variants of the inner step (method.md), both carried by the DomainTask so that the default path reads as above:
+  - demonstrations (meta.inner_candidates: samples+demos): step k's candidates are its samples, then the drawn support
+    prompts' human continuations y_m (task.demos[k]); the step adds demo_weight * g_demo (policy_opt), linear in the
+    rewards, so stage 1 gives them  dL/dr^_m = alpha * demo_weight / M * c_m,  c_m = s_m - mean s  (s_m the JVP
+    <grad_theta log pi_theta_k(y_m|x_m), v>), pulled back through their standardisation over the set;
+  - warm start (meta.inner_start: warm): theta_0 = task.theta_start (the domain's theta_d) with samples drawn from
+    pi_theta_d; the hypergradient is taken through this outer step's K steps only (truncated at theta_d).
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from .leverage import step_stats
 from .runlog import phase
 from .trunk import attach as attach_trunk
 from .trunk import rows_of as trunk_rows_of
-from .policy_opt import importance_weights, policy_gradient, pull_back_standardisation, sgd_step
+from .policy_opt import (demonstration_gradient, importance_weights, policy_gradient, pull_back_centred_standardisation,
+                         pull_back_standardisation, sgd_step)
 from .sampling import (Samples, SequenceBatch, collate, encode_prompts, encode_responses, policy_logprobs,
                        second_order)
 
@@ -70,21 +79,12 @@ class PreferenceSet:
     @classmethod
     def build(cls, policy: Policy, prompts: list[str], chosen: list[str], rejected: list[str],
               chunk: int = 32) -> "PreferenceSet":
-        cfg, tok = policy.config, policy.tokenizer
-        p_ids = encode_prompts(tok, prompts, cfg.max_prompt_tokens, cfg.chat_template)
-        max_resp = cfg.response_cap()
-        c_ids = encode_responses(tok, prompts, chosen, max_resp, cfg.chat_template)
-        r_ids = encode_responses(tok, prompts, rejected, max_resp, cfg.chat_template)
-        # with a frozen trunk, log pi_ref runs from it too: the layers below the adapters run once per response
-        b_c = policy.with_trunk(collate(p_ids, c_ids, tok.pad_token_id), chunk)
-        b_r = policy.with_trunk(collate(p_ids, r_ids, tok.pad_token_id), chunk)
-        with torch.no_grad(), policy.reference() as ref:
-            ref_c = policy_logprobs(ref, b_c, chunk=chunk)
-            ref_r = policy_logprobs(ref, b_r, chunk=chunk)
-        trunks = [None if b.trunk is None else trunk_rows_of(b) for b in (b_c, b_r)]
-        # log pi_ref stays on the policy's device, where it meets the policy's log-probabilities
+        cfg = policy.config
+        p_ids = encode_prompts(policy.tokenizer, prompts, cfg.max_prompt_tokens, cfg.chat_template)
+        c_ids, ref_c, trunk_c = human_responses(policy, prompts, p_ids, chosen, chunk)
+        r_ids, ref_r, trunk_r = human_responses(policy, prompts, p_ids, rejected, chunk)
         return cls(list(prompts), list(chosen), list(rejected), p_ids, c_ids, r_ids, ref_c, ref_r,
-                   *trunks, policy.trunk_layer)
+                   trunk_c, trunk_r, policy.trunk_layer)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -105,6 +105,67 @@ class PreferenceSet:
                                rm.encode(prompts, [self.rejected[i] for i in idx]))
 
 
+def human_responses(policy: Policy, prompts: list[str], prompt_ids: list[list[int]], responses: list[str],
+                    chunk: int = 32) -> tuple[list[list[int]], torch.Tensor, list[torch.Tensor] | None]:
+    """Human-written responses tokenised for the policy (cut at policy.response_cap()), with log pi_ref computed once
+    and, with adapters on the top layers only, their frozen trunk: (response ids, log pi_ref, trunk rows or None)."""
+    cfg, tok = policy.config, policy.tokenizer
+    ids = encode_responses(tok, prompts, responses, cfg.response_cap(), cfg.chat_template)
+    # with a frozen trunk, log pi_ref runs from it too: the layers below the adapters run once per response
+    batch = policy.with_trunk(collate(prompt_ids, ids, tok.pad_token_id), chunk)
+    with torch.no_grad(), policy.reference() as ref:
+        ref_logp = policy_logprobs(ref, batch, chunk=chunk)
+    # log pi_ref stays on the policy's device, where it meets the policy's log-probabilities
+    return ids, ref_logp, None if batch.trunk is None else trunk_rows_of(batch)
+
+
+@dataclass
+class DemonstrationSet:
+    """A meta-train domain's demonstrations (meta.inner_candidates: samples+demos): the human continuations
+    (`reference`) of its support prompts, tokenised like human pairs once, with log pi_ref. Row r holds support prompt
+    `support_index[r]`; a support prompt without a reference, or whose reference is one of the domain's query
+    responses (the outer data), has none."""
+
+    prompts: list[str]
+    references: list[str]
+    support_index: list[int]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    ref_logp: torch.Tensor  # [rows]
+    trunk: list[torch.Tensor] | None = None
+    trunk_layer: int | None = None
+
+    @classmethod
+    def build(cls, policy: Policy, prompts: list[str], references: list[str | None],
+              query_responses: list[str] = (), chunk: int = 32) -> "DemonstrationSet":
+        outer = {" ".join(t.split()) for t in query_responses}
+        rows = [i for i, r in enumerate(references) if r and r.strip() and " ".join(r.split()) not in outer]
+        p, y = [prompts[i] for i in rows], [references[i] for i in rows]
+        cfg = policy.config
+        p_ids = encode_prompts(policy.tokenizer, p, cfg.max_prompt_tokens, cfg.chat_template) if rows else []
+        y_ids, ref_logp, trunk = human_responses(policy, p, p_ids, y, chunk) if rows else ([], torch.empty(0), None)
+        return cls(p, y, rows, p_ids, y_ids, ref_logp, trunk, policy.trunk_layer)
+
+    def __len__(self) -> int:
+        return len(self.support_index)
+
+    def select(self, support_idx: list[int], pad_id: int, rm: RewardModel | None = None) -> Samples | None:
+        """The demonstrations of the drawn support prompts `support_idx` as n = 1 candidates (no behaviour policy:
+        they are not samples), or None when none of them has one."""
+        row_of = {i: r for r, i in enumerate(self.support_index)}
+        rows = [row_of[i] for i in support_idx if i in row_of]
+        if not rows:
+            return None
+        batch = collate([self.prompt_ids[r] for r in rows], [self.response_ids[r] for r in rows], pad_id)
+        if self.trunk is not None:
+            attach_trunk(batch, [self.trunk[r] for r in rows], self.trunk_layer)
+        prompts, texts = [self.prompts[r] for r in rows], [self.references[r] for r in rows]
+        demos = Samples(prompts, texts, batch, self.ref_logp[rows], None, 1)
+        if rm is not None:
+            demos.rm_encoding = rm.encode(prompts, texts)
+        return demos
+
+
 def make_preference_batch(policy: Policy, rm: RewardModel, prompts: list[str], chosen: list[str],
                           rejected: list[str]) -> PreferenceBatch:
     pset = PreferenceSet.build(policy, prompts, chosen, rejected)
@@ -113,11 +174,41 @@ def make_preference_batch(policy: Policy, rm: RewardModel, prompts: list[str], c
 
 @dataclass
 class DomainTask:
-    """What one domain contributes to one outer step: K batches of inner samples and a batch of human pairs."""
+    """What one domain contributes to one outer step: K batches of inner samples and a batch of human pairs.
+
+    The variants of the inner step (module doc): `demos[k]`, step k's demonstrations (None: samples only), and
+    `theta_start`, the warm-started theta_d the K steps start from (None: theta_init) with `inner` drawn from it."""
 
     name: str
     inner: list[Samples]  # one per inner step
     query: PreferenceBatch
+    demos: list[Samples | None] | None = None
+    theta_start: dict[str, torch.Tensor] | None = None
+
+    def demos_of(self, k: int) -> Samples | None:
+        return None if self.demos is None else self.demos[k]
+
+    def candidates(self, k: int, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Step k's rewards (samples, then demonstrations) split into (samples', demonstrations' or None)."""
+        if self.demos_of(k) is None:
+            return rewards, None
+        N = len(self.inner[k].ref_logp)
+        return rewards[:N], rewards[N:]
+
+
+def candidate_rewards(rm: RewardModel, task: DomainTask) -> list[torch.Tensor]:
+    """r_phi of every inner step's candidates: its samples, then its demonstrations (samples+demos)."""
+    out = []
+    for k, samples in enumerate(task.inner):
+        r = rm.forward_encoded(samples.rm_encoding)
+        demos = task.demos_of(k)
+        out.append(r if demos is None else torch.cat([r, rm.forward_encoded(demos.rm_encoding)]))
+    return out
+
+
+def start_theta(policy: Policy, task: DomainTask) -> dict[str, torch.Tensor]:
+    """theta_0 of the task's inner steps: theta_init, or the warm-started theta_d."""
+    return policy.theta_init() if task.theta_start is None else task.theta_start
 
 
 def _logp_fn(policy: Policy, batch):
@@ -138,20 +229,27 @@ def inner_reward_scale(rloo: RLOOConfig):
 
 def inner_loop(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], meta: MetaConfig, rloo: RLOOConfig,
                create_graph: bool = False) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
-    """theta_0 = theta_init, theta_{k+1} = theta_k - alpha g_d(theta_k, r). Returns [theta_0..theta_K] and stats.
+    """theta_0 = theta_init (or the task's warm theta_d), theta_{k+1} = theta_k - alpha g_d(theta_k, r), with
+    g_d = g_rloo + demo_weight * g_demo where the task has demonstrations. Returns [theta_0..theta_K] and stats.
 
     With create_graph the iterates stay differentiable in the rewards (pass rewards that require grad)."""
-    thetas = [{k: v.requires_grad_() if create_graph else v.clone().requires_grad_()
-               for k, v in policy.theta_init().items()}]
+    thetas = [{k: v.detach().requires_grad_() if create_graph else v.detach().clone().requires_grad_()
+               for k, v in start_theta(policy, task).items()}]
     stats = []
     for k, samples in enumerate(task.inner):
         theta = thetas[-1]
         if not create_graph:
             theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
+        r_samples, r_demos = task.candidates(k, rewards[k])
         with torch.enable_grad():  # g is a gradient even when the caller only evaluates F
-            grads, st = policy_gradient(_logp_fn(policy, samples.batch), theta, rewards[k], samples.ref_logp,
+            grads, st = policy_gradient(_logp_fn(policy, samples.batch), theta, r_samples, samples.ref_logp,
                                         samples.behaviour_logp, rloo.beta, samples.n, rloo.importance_clip,
                                         create_graph=create_graph, reward_scale=inner_reward_scale(rloo))
+            if r_demos is not None:
+                g_demo, demo_st = demonstration_gradient(_logp_fn(policy, task.demos[k].batch), theta, r_demos,
+                                                         create_graph, inner_reward_scale(rloo))
+                grads = {n: g + meta.demo_weight * g_demo[n] for n, g in grads.items()}
+                st.update(demo_st)
         nxt = sgd_step(theta, grads, meta.inner_lr)
         thetas.append(nxt if create_graph else {n: t.detach() for n, t in nxt.items()})
         stats.append(st)
@@ -163,11 +261,15 @@ def adapted_kl(policy: Policy, samples: Samples, theta: dict[str, torch.Tensor])
     """KL(pi_theta || pi_ref) AFTER an inner step, estimated on the step's bank samples (drawn from pi_ref) as
     mean_j f(w_j), f(w) = w log w - w + 1, w = pi_theta / pi_ref: unbiased (E_ref[w] = 1) and never negative. When
     the step moves the policy off the bank's support (w -> 0) the estimate saturates near 1 nat: a sign that
-    meta.inner_lr is too large, not a measurement of the true KL."""
+    meta.inner_lr is too large, not a measurement of the true KL. Samples drawn from another policy b (a warm theta_d)
+    use mean_j [v_j log w_j - v_j + pi_ref/b], v = pi_theta / b: the same estimator importance-weighted (unbiased;
+    equal to the above for b = pi_ref, but no longer non-negative sample by sample)."""
     logp = policy.logprobs(samples.batch, params={k: v.detach() for k, v in theta.items()})
-    log_w = (logp - samples.ref_logp.to(logp.device)).double()
-    w = torch.exp(log_w)
-    return float((w * log_w - w + 1).mean())
+    ref = samples.ref_logp.to(logp.device)
+    behaviour = ref if samples.behaviour_logp is None else samples.behaviour_logp.to(logp.device)
+    log_w = (logp - ref).double()
+    v = torch.exp((logp - behaviour).double())
+    return float((v * log_w - v + torch.exp((ref - behaviour).double())).mean())
 
 
 def step_length(theta_a: dict[str, torch.Tensor], theta_b: dict[str, torch.Tensor]) -> float:
@@ -208,10 +310,14 @@ def logprob_jvp(policy: Policy, batch: SequenceBatch, theta: dict[str, torch.Ten
 
 
 def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Tensor], meta: MetaConfig,
-                       rloo: RLOOConfig, timings: dict[str, float] | None = None
+                       rloo: RLOOConfig, timings: dict[str, float] | None = None,
+                       adapted: dict[str, dict[str, torch.Tensor]] | None = None
                        ) -> tuple[list[torch.Tensor], float, list[dict]]:
-    """dL_out/dr_j for the samples of every inner step (stage 1 of the hypergradient), L_out(theta_K), and per-step
-    stats (the last one also holds `kl_after` and `step_length`, measured at theta_K)."""
+    """dL_out/dr_j for the candidates of every inner step (stage 1 of the hypergradient: its samples, then its
+    demonstrations), L_out(theta_K), and per-step stats (the last one also holds `kl_after` and `step_length`,
+    measured at theta_K). `adapted` receives theta_K (detached) under the task's name: the warm start keeps it.
+
+    From a warm theta_d the hypergradient is this outer step's: theta_d is a constant (truncated at theta_d)."""
     mode = resolved_hypergrad(meta)
     if mode == "unrolled":
         leaves = [r.detach().clone().requires_grad_() for r in rewards]
@@ -220,15 +326,15 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
             loss = outer_loss(policy, thetas[-1], task.query, rloo.beta)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(r) if g is None else g for r, g in zip(rewards, grads)]
-        _after_step_stats(policy, task, thetas, stats, rloo.beta)
+        _after_step_stats(policy, task, thetas, stats, rloo.beta, adapted)
         # leverage of the first step (method.md, "Leverage"), with v at theta_K as the truncated form takes it
         theta_K = {k: v.detach().requires_grad_() for k, v in thetas[-1].items()}
         with torch.enable_grad():
             v = dict(zip(theta_K, torch.autograd.grad(outer_loss(policy, theta_K, task.query, rloo.beta),
                                                       list(theta_K.values()))))
         thetas0 = {k: t.detach() for k, t in thetas[0].items()}
-        s_tilde = centred_jvps(policy, task.inner[0], thetas0, v, rloo)
-        stats[0].update(step_stats(s_tilde, rewards[0], meta.inner_lr, task.inner[0].n, rloo.reward_norm))
+        s_tilde, c_demo = step_jvps(policy, task, 0, thetas0, v, rloo)
+        stats[0].update(step_leverage_stats(task, 0, s_tilde, c_demo, rewards[0], meta, rloo))
         return grads, float(loss.detach()), stats
 
     with phase(timings, "inner_policy_steps"):
@@ -241,15 +347,20 @@ def reward_value_grads(policy: Policy, task: DomainTask, rewards: list[torch.Ten
     grads = []
     for k, samples in enumerate(task.inner):
         with phase(timings, "jvp"):
-            s_tilde = centred_jvps(policy, samples, thetas[k], v, rloo)
+            s_tilde, c_demo = step_jvps(policy, task, k, thetas[k], v, rloo)
         # leverage of this step (method.md, "Leverage"): H, the reward's alignment with -s~, its first-order drop
-        stats[k].update(step_stats(s_tilde, rewards[k], meta.inner_lr, samples.n, rloo.reward_norm))
+        stats[k].update(step_leverage_stats(task, k, s_tilde, c_demo, rewards[k], meta, rloo))
+        r_samples, r_demos = task.candidates(k, rewards[k])
         g = meta.inner_lr / s_tilde.numel() * s_tilde  # dL/dr^_j: w.r.t. the (standardised) rewards the step used
         if inner_reward_scale(rloo) == "batch":
-            g = pull_back_standardisation(g, rewards[k].to(g.dtype))
+            g = pull_back_standardisation(g, r_samples.to(g.dtype))
+        if c_demo is not None:  # theta_{k+1} = theta_k + alpha w / M sum_m r^_m grad log pi(y_m): dL/dr^_m below
+            g_demo = meta.inner_lr * meta.demo_weight / c_demo.numel() * c_demo
+            g = torch.cat([g, pull_back_centred_standardisation(g_demo, r_demos.to(g.dtype),
+                                                                inner_reward_scale(rloo))])
         grads.append(g)
     with phase(timings, "inner_policy_steps"):
-        _after_step_stats(policy, task, thetas, stats, rloo.beta)
+        _after_step_stats(policy, task, thetas, stats, rloo.beta, adapted)
     return grads, float(loss.detach()), stats
 
 
@@ -261,13 +372,39 @@ def centred_jvps(policy: Policy, samples: Samples, theta: dict[str, torch.Tensor
     return rloo_advantages(s.reshape(-1, samples.n)).reshape(-1)
 
 
-def _after_step_stats(policy: Policy, task: DomainTask, thetas: list[dict], stats: list[dict], beta: float) -> None:
+def step_jvps(policy: Policy, task: DomainTask, k: int, theta: dict[str, torch.Tensor], v: dict[str, torch.Tensor],
+              rloo: RLOOConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(s~ of step k's samples, c of its demonstrations or None): c_m = s_m - mean s, s_m = <grad_theta log
+    pi_theta(y_m|x_m), v> (no importance weight: a demonstration is not a sample; centred over the set, the
+    demonstrations' own baseline)."""
+    s_tilde = centred_jvps(policy, task.inner[k], theta, v, rloo)
+    demos = task.demos_of(k)
+    if demos is None:
+        return s_tilde, None
+    s_demo = logprob_jvp(policy, demos.batch, theta, v)[1]
+    return s_tilde, s_demo - s_demo.mean()
+
+
+def step_leverage_stats(task: DomainTask, k: int, s_tilde: torch.Tensor, c_demo: torch.Tensor | None,
+                        rewards: torch.Tensor, meta: MetaConfig, rloo: RLOOConfig) -> dict[str, float]:
+    """leverage.step_stats of step k for its candidates' rewards (samples, then demonstrations)."""
+    r_samples, r_demos = task.candidates(k, rewards)
+    demos = None if c_demo is None else (c_demo, r_demos, meta.demo_weight)
+    return step_stats(s_tilde, r_samples, meta.inner_lr, task.inner[k].n, rloo.reward_norm, demos)
+
+
+def _after_step_stats(policy: Policy, task: DomainTask, thetas: list[dict], stats: list[dict], beta: float,
+                      adapted: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    if adapted is not None:  # theta_K, for the warm start
+        adapted[task.name] = {k: t.detach() for k, t in thetas[-1].items()}
     stats[-1]["kl_after"] = adapted_kl(policy, task.inner[-1], thetas[-1])
     stats[-1]["step_length"] = step_length(thetas[0], thetas[-1])
     # the outer loss before the inner step (at theta_0): beside L_out(theta_K) it shows whether the step under r_phi
     # moves the policy towards the domain's human preferences at all (a diagnostic; one forward on the query pairs)
     with torch.no_grad():
         stats[-1]["outer_loss_before"] = float(outer_loss(policy, thetas[0], task.query, beta))
+    # how far a warm theta_d already is from pi_ref (0 from theta_init, which is pi_ref)
+    stats[-1]["kl_start"] = 0.0 if task.theta_start is None else adapted_kl(policy, task.inner[0], thetas[0])
 
 
 def _flat_grads(output: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = False) -> list[torch.Tensor]:
@@ -282,7 +419,8 @@ def _norm(tensors: list[torch.Tensor]) -> float:
 def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta: MetaConfig, rloo: RLOOConfig,
                   scale: float | None = None, timings: dict[str, float] | None = None,
                   backward: Callable[[torch.Tensor], None] | None = None,
-                  parts: dict[str, list[torch.Tensor]] | None = None) -> dict[str, float]:
+                  parts: dict[str, list[torch.Tensor]] | None = None,
+                  adapted: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
     """Accumulate dF/dphi into the reward model's .grad for a meta-batch of domains; return stats.
 
         dF/dphi = sum_d [ hypergradient_d + lambda_bt * grad BT_d ] / scale
@@ -294,19 +432,22 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
     grad BT; the trainer all-reduces them to log the norms and ratio of the global sums). `backward`: None writes into
     .grad directly; a callable receives the summed surrogate of the meta-batch in one call (DeepSpeed ZeRO reduces
     gradients once per backward and its backward also takes the optimiser step); the two terms are then not
-    measured apart (ZeRO hooks every gradient of its parameters) and their norms are None."""
+    measured apart (ZeRO hooks every gradient of its parameters) and their norms are None. `adapted` receives every
+    task's theta_K by name (the warm start stores them back)."""
     scale = float(scale or len(tasks))
     params = [p for p in getattr(rm, "model", rm).parameters() if p.requires_grad]  # RewardModel or a bare module
     hyper = [torch.zeros_like(p) for p in params]
     bt_grad = [torch.zeros_like(p) for p in params]
     keys = ("outer_loss", "outer_loss_before", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std",
-            "inner_kl", "inner_step_length", "headroom", "alignment", "first_order_drop")
+            "inner_kl", "inner_kl_start", "inner_step_length", "inner_iw_std", "headroom", "alignment",
+            "first_order_drop")
     out = dict.fromkeys(keys, 0.0)
     pending: list[torch.Tensor] = []
     for task in tasks:
         with phase(timings, "rm_forward"):
-            rewards = [rm.forward_encoded(s.rm_encoding) for s in task.inner]  # RM graph kept apart from the policy's
-        dL_dr, loss, stats = reward_value_grads(policy, task, [r.detach() for r in rewards], meta, rloo, timings)
+            rewards = candidate_rewards(rm, task)  # RM graph kept apart from the policy's
+        dL_dr, loss, stats = reward_value_grads(policy, task, [r.detach() for r in rewards], meta, rloo, timings,
+                                                adapted)
         with phase(timings, "rm_backward"):
             surrogate = sum((g.to(r.device, r.dtype) * r).sum() for g, r in zip(dL_dr, rewards)) / scale
             r_c = rm.forward_encoded(task.query.rm_chosen)
@@ -329,7 +470,10 @@ def meta_gradient(policy: Policy, rm: RewardModel, tasks: list[DomainTask], meta
         out["inner_reward"] += stats[0]["reward"] / len(tasks)
         out["inner_reward_std"] += stats[0]["reward_std"] / len(tasks)
         out["inner_kl"] += stats[-1]["kl_after"] / len(tasks)
+        out["inner_kl_start"] += stats[-1]["kl_start"] / len(tasks)
         out["inner_step_length"] += stats[-1]["step_length"] / len(tasks)
+        # the spread of pi_theta_k / pi_behaviour at the last inner step (0 at K = 1: its samples are on-policy)
+        out["inner_iw_std"] += stats[-1]["iw_std"] / len(tasks)
         for key in ("headroom", "alignment", "first_order_drop"):  # of the first inner step
             out[key] += stats[0][key] / len(tasks)
     if backward is None:
@@ -358,7 +502,7 @@ def gradient_term_norms(hyper: list[torch.Tensor], bt_term: list[torch.Tensor]) 
 
 @torch.no_grad()
 def _rewards(rm: RewardModel, task: DomainTask) -> list[torch.Tensor]:
-    return [rm.forward_encoded(s.rm_encoding) for s in task.inner]
+    return candidate_rewards(rm, task)
 
 
 def inner_step_effect(policy: Policy, rm: RewardModel, task: DomainTask, meta: MetaConfig,
@@ -390,37 +534,48 @@ def meta_objective(policy: Policy, rm: RewardModel, tasks: list[DomainTask], met
 
 def step_leverage(policy: Policy, task: DomainTask, rewards: dict[str, torch.Tensor], meta: MetaConfig,
                   rloo: RLOOConfig, oracle: bool = True) -> dict:
-    """Leverage of the task's first inner step at theta_0 (method.md, "Leverage"; formulas in leverage.py), for every
-    named reward of its samples (e.g. {"erm-rm": r, "gold": g}) and the oracle reward -s~:
+    """Leverage of the task's first inner step at its theta_0 (theta_init, or the task's warm theta_d; method.md,
+    "Leverage"; formulas in leverage.py), for every named reward of its candidates (the samples, then the
+    demonstrations where the task has them; e.g. {"erm-rm": r, "gold": g}) and the oracle reward (-s~, then -c):
 
-        {"headroom", "floor", "outer_loss_before", "num_samples",
+        {"headroom", "floor", "outer_loss_before", "num_samples", "num_demos",
          "<name>": {"alignment", "first_order_drop", "real_drop", "kl_after", "step_length"}}
 
-    real_drop = L_out(theta_0) - L_out(theta_1) of the real step (inner_loop, K = 1; positive = lower loss)."""
+    real_drop = L_out(theta_0) - L_out(theta_1) of the real step (inner_loop, K = 1; positive = lower loss). With
+    demonstrations H is that of the whole step (leverage.step_stats), and "headroom_samples" / "headroom_demos" and
+    each reward's "alignment_samples" / "alignment_demos" are given beside it."""
     import copy
 
-    from .leverage import alignment, first_order_drop, headroom, oracle_reward, random_floor
+    from .leverage import oracle_reward
 
-    samples = task.inner[0]
-    theta = {k: v.detach().requires_grad_() for k, v in policy.theta_init().items()}
+    samples, demos = task.inner[0], task.demos_of(0)
+    theta = {k: v.detach().requires_grad_() for k, v in start_theta(policy, task).items()}
     with torch.enable_grad():
         loss = outer_loss(policy, theta, task.query, rloo.beta)
         v = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
-    s_tilde = centred_jvps(policy, samples, {k: t.detach() for k, t in theta.items()}, v, rloo)
+    theta = {k: t.detach() for k, t in theta.items()}
+    s_tilde, c_demo = step_jvps(policy, task, 0, theta, v, rloo)
     before = float(loss.detach())
     one = copy.copy(meta)
     one.inner_steps = 1
-    first = DomainTask(task.name, task.inner[:1], task.query)
-    out: dict = {"headroom": headroom(s_tilde, meta.inner_lr), "floor": random_floor(s_tilde.numel(), samples.n),
-                 "outer_loss_before": before, "num_samples": s_tilde.numel()}
-    named = ({"oracle": oracle_reward(s_tilde)} if oracle else {}) | dict(rewards)
+    first = DomainTask(task.name, task.inner[:1], task.query, task.demos[:1] if task.demos else None,
+                       task.theta_start)
+    candidates = [s_tilde] if c_demo is None else [s_tilde, c_demo]
+    oracle_r = torch.cat([oracle_reward(c) for c in candidates])
+    figures = step_leverage_stats(first, 0, s_tilde, c_demo, oracle_r.to(samples.ref_logp), one, rloo)
+    out: dict = {"headroom": figures["headroom"], "floor": figures["alignment_floor"],
+                 "outer_loss_before": before, "num_samples": s_tilde.numel(),
+                 "num_demos": 0 if demos is None else len(demos.ref_logp)}
+    out.update({k: figures[k] for k in ("headroom_samples", "headroom_demos") if k in figures})
+    named = ({"oracle": oracle_r} if oracle else {}) | dict(rewards)
     for name, r in named.items():
         r = r.detach().to(samples.ref_logp).reshape(-1)
         thetas, _ = inner_loop(policy, first, [r], one, rloo)
         with torch.no_grad():
             after = float(outer_loss(policy, thetas[-1], task.query, rloo.beta))
-        out[name] = {"alignment": alignment(r, s_tilde, samples.n),
-                     "first_order_drop": first_order_drop(r, s_tilde, meta.inner_lr, rloo.reward_norm),
+        figures = step_leverage_stats(first, 0, s_tilde, c_demo, r, one, rloo)
+        out[name] = {"alignment": figures["alignment"], "first_order_drop": figures["first_order_drop"],
+                     **{k: figures[k] for k in ("alignment_samples", "alignment_demos") if k in figures},
                      "real_drop": before - after, "kl_after": adapted_kl(policy, samples, thetas[-1]),
                      "step_length": step_length(thetas[0], thetas[-1])}
     return out

@@ -1,7 +1,8 @@
 """Meta-training checkpoints: written atomically with a manifest, verified on load, with fallback.
 
     checkpoints/step-000004/   reward_model/ (HF checkpoint), policy_trainable.pt, state.pt (optimiser, RNG, step),
-                               optimizer-rankNNNNN.pt (DeepSpeed shards), manifest.json (size + sha256 of every file)
+                               optimizer-rankNNNNN.pt (DeepSpeed shards), inner_thetas.pt (meta.inner_start=warm:
+                               every domain's theta_d), manifest.json (size + sha256 of every file)
     checkpoints/latest         name of the newest complete checkpoint
     checkpoints/aside/         damaged or unusable checkpoints, moved out of the way (never deleted)
 
@@ -116,10 +117,16 @@ def clean_leftovers(ckpt_root: Path) -> None:
 # Save and load
 
 
-def save_checkpoint(run_dir: Path, step: int, rm, policy, optimizer, accelerator) -> Path:
+INNER_THETAS = "inner_thetas.pt"
+
+
+def save_checkpoint(run_dir: Path, step: int, rm, policy, optimizer, accelerator,
+                    inner_thetas: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """checkpoints/step-N/ built under a temporary name and renamed when complete; `latest` is replaced atomically
     after. Collective: under DeepSpeed every process adds its shard of the optimiser state; the main process writes
-    the rest (reward model, policy trainable weights, optimiser or shard layout, RNG states, step) and the manifest.
+    the rest (reward model, policy trainable weights, optimiser or shard layout, RNG states, step, and with a warm
+    start every domain's theta_d: `inner_thetas`, {domain: {name: tensor}}, every process holds them) and the
+    manifest.
     A failed write (disk full, ...) removes the partial checkpoint and raises one line; the previous one is intact."""
     ckpt_root = run_dir / "checkpoints"
     target = ckpt_root / f"step-{step:06d}"
@@ -141,6 +148,9 @@ def save_checkpoint(run_dir: Path, step: int, rm, policy, optimizer, accelerator
                        tmp / "policy_trainable.pt")
             torch.save({"optimizer": None if sharded else optimizer.state_dict(), "step": step, "rng": rng_state(),
                         "optimizer_shards": accelerator.num_processes if sharded else 0}, tmp / "state.pt")
+            if inner_thetas is not None:
+                torch.save({d: {k: v.detach().cpu() for k, v in theta.items()} for d, theta in inner_thetas.items()},
+                           tmp / INNER_THETAS)
             write_manifest(tmp, step)
     except Exception as e:  # torch.save reports a full disk as RuntimeError, safetensors as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,6 +244,17 @@ def load_checkpoint(run_dir: Path, rm, optimizer, accelerator) -> int:
     return step
 
 
+def load_inner_thetas(run_dir: Path, template: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every domain's theta_d from the checkpoint `load_checkpoint` resumed (the one `latest` names), on the device
+    and in the dtype of `template` (theta_init)."""
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    if not (ckpt / INNER_THETAS).is_file():
+        raise UserError(f"{ckpt} holds no {INNER_THETAS} (written by a run with meta.inner_start=init); resume it "
+                        "with that setting or start a new --output")
+    stored = torch.load(ckpt / INNER_THETAS, weights_only=True)
+    return {d: {k: v.to(template[k]) for k, v in theta.items()} for d, theta in stored.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # After a non-finite stop
 
@@ -246,6 +267,9 @@ def weights_bounded(ckpt: Path, bound: float = WEIGHT_BOUND) -> str | None:
     trainable = ckpt / "policy_trainable.pt"
     if trainable.exists():
         tensors.update({f"policy.{k}": v for k, v in torch.load(trainable, weights_only=True).items()})
+    if (ckpt / INNER_THETAS).exists():
+        tensors.update({f"theta_d.{d}.{k}": v for d, theta in torch.load(ckpt / INNER_THETAS, weights_only=True).items()
+                        for k, v in theta.items()})
     for name, t in tensors.items():
         if not t.is_floating_point() or t.numel() == 0:
             continue

@@ -120,6 +120,12 @@ class MetaConfig:
     lambda_bt: float = 0.1  # Bradley-Terry anchor (0 = pure bilevel)
     query_batch: int = 16  # human pairs per domain per outer step
     bank_size: int | None = None  # prompts per domain in the sample bank (None: whole support set)
+    # the inner step's candidates: "samples" or "samples+demos" (+ support prompts' human continuations, `reference`)
+    inner_candidates: str = "samples"
+    demo_weight: float = 1.0  # weight of the demonstrations' term in the inner gradient (samples+demos)
+    # theta_0 of the inner steps: "init" (theta_init) or "warm" (the domain's last theta_K, fresh samples from it)
+    inner_start: str = "init"
+    inner_reset: int = 10  # inner_start=warm: theta_d = theta_init again every this many outer steps (1 = init)
     grad_clip: float = 1.0
     checkpoint_every: int = 10
     log_every: int = 1
@@ -399,7 +405,8 @@ RULES: dict[str, str] = {
     "meta.init": "bt|scratch", "meta.outer_steps": ">=1", "meta.outer_lr": ">0", "meta.meta_batch_domains": ">=1",
     "meta.inner_steps": ">=1", "meta.inner_lr": ">0", "meta.hypergrad": "auto|one-step|truncated|unrolled",
     "meta.lambda_bt": ">=0", "meta.query_batch": ">=1", "meta.bank_size": ">=1", "meta.grad_clip": ">=0",
-    "meta.checkpoint_every": ">=1", "meta.log_every": ">=1",
+    "meta.checkpoint_every": ">=1", "meta.log_every": ">=1", "meta.inner_candidates": "samples|samples+demos",
+    "meta.demo_weight": ">=0", "meta.inner_start": "init|warm", "meta.inner_reset": ">=1",
     "meta_test.steps": ">=1", "meta_test.lr": ">0", "meta_test.optimizer": "adam|sgd", "meta_test.beta_test": ">0",
     "train_rm.epochs": ">=1", "train_rm.lr": ">0", "train_rm.batch_size": ">=1", "train_rm.eval_fraction": "[0,1)",
     "eval.judge": "auto|vader|embedding|llm", "eval.samples_per_prompt": ">=1", "eval.agreement_samples": ">=2",

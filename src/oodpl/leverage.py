@@ -14,6 +14,17 @@ standardised rewards (zero mean per prompt, unit population std). To first order
                                                     large-n limit)
     gold        alignment of the gold judge's scores of the same samples
 
+With demonstrations in the inner step (meta.inner_candidates: samples+demos) the candidates are the samples plus M
+demonstrations, whose rewards the step standardises over their own set and whose term has weight w (demo_weight):
+
+    dL = (alpha / N) sum_j s~_j r^_j + (alpha w / M) sum_m c_m r^_m,     c_m = s_m - mean s (centred JVPs)
+
+Each block is standardised apart, so the largest drop is the sum of the blocks' headrooms, H = H_samples + H_demos
+with H_demos = (alpha w / sqrt(M)) ||c|| (the demonstrations are one "prompt" of M candidates, centred plainly);
+alignment = -dL / H is the headroom-weighted mean of the blocks' cosines, and a random reward's alignment has spread
+sqrt((H_s f_s)^2 + (H_d f_d)^2) / H with f_d = 1 / sqrt(M - 1). The oracle reward is -s~ on the samples and -c on the
+demonstrations.
+
 These pure functions are what meta-training logs every outer step (bilevel.reward_value_grads);
 bilevel.step_leverage measures all of it for one domain task and a set of named rewards, with the real drop of the
 real inner step (the step standardises the reward itself) and its inner KL.
@@ -72,9 +83,28 @@ def oracle_reward(s_tilde: torch.Tensor) -> torch.Tensor:
     return -s_tilde.double()
 
 
-def step_stats(s_tilde: torch.Tensor, rewards: torch.Tensor, alpha: float, n: int,
-               reward_norm: str = "std") -> dict[str, float]:
-    """What meta-training logs per inner step: H, the reward's alignment and its first-order drop, and the floor."""
-    return {"headroom": headroom(s_tilde, alpha), "alignment": alignment(rewards, s_tilde, n),
-            "first_order_drop": first_order_drop(rewards, s_tilde, alpha, reward_norm),
-            "alignment_floor": random_floor(s_tilde.numel(), n)}
+def step_stats(s_tilde: torch.Tensor, rewards: torch.Tensor, alpha: float, n: int, reward_norm: str = "std",
+               demos: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> dict[str, float]:
+    """What meta-training logs per inner step: H, the reward's alignment and its first-order drop, and the floor.
+    `demos` = (c, demonstration rewards, demo_weight): the step's demonstrations as a second block (module doc); the
+    figures are then those of the whole step, with each block's headroom and alignment beside them."""
+    samples = {"headroom": headroom(s_tilde, alpha), "alignment": alignment(rewards, s_tilde, n),
+               "first_order_drop": first_order_drop(rewards, s_tilde, alpha, reward_norm),
+               "alignment_floor": random_floor(s_tilde.numel(), n)}
+    if demos is None:
+        return samples
+    c, demo_rewards, weight = demos
+    M = c.numel()
+    block = {"headroom": headroom(c, alpha * weight), "alignment": alignment(demo_rewards, c, M),
+             "first_order_drop": first_order_drop(demo_rewards, c, alpha * weight, reward_norm),
+             "alignment_floor": random_floor(M, M) if M > 1 else 0.0}
+    Hs, Hd = samples["headroom"], block["headroom"]
+    H = Hs + Hd
+    out = {"headroom": H, "first_order_drop": samples["first_order_drop"] + block["first_order_drop"]}
+    if H > 0:
+        out["alignment"] = (Hs * samples["alignment"] + Hd * block["alignment"]) / H
+        out["alignment_floor"] = math.hypot(Hs * samples["alignment_floor"], Hd * block["alignment_floor"]) / H
+    else:
+        out["alignment"], out["alignment_floor"] = 0.0, samples["alignment_floor"]
+    return {**out, "headroom_samples": samples["headroom"], "headroom_demos": block["headroom"],
+            "alignment_samples": samples["alignment"], "alignment_demos": block["alignment"]}

@@ -19,21 +19,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .bilevel import DomainTask, PreferenceSet, gradient_term_norms, meta_gradient
+from .bilevel import DemonstrationSet, DomainTask, PreferenceSet, gradient_term_norms, meta_gradient
 from .objectives import pair_accuracy
-from .config import Config, dump_config, resolved_hypergrad
+from .config import Config, MetaConfig, dump_config, resolved_hypergrad
 from .data.split import DomainSplit, build_split
 from .distributed import make_accelerator, prepare_deepspeed, uses_deepspeed
-from .checkpoints import last_good_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import last_good_checkpoint, load_checkpoint, load_inner_thetas, notice, save_checkpoint
 from .errors import RunClaim, UserError, atomic_write_json, atomic_write_text, claim_run_dir
 from .models import Policy, RewardModel, load_policy, load_reward_checkpoint, load_reward_model, place
 from .runlog import MetricsLogger, phase, seed_everything
-from .sampling import SampleBank, build_bank
+from .sampling import SampleBank, build_bank, draw_samples
 
 
 # per-domain statistics of meta_gradient, averaged over the meta-batch (across processes too)
 MEAN_STATS = ("outer_loss", "outer_loss_before", "bt_loss", "query_accuracy", "inner_reward", "inner_reward_std",
-              "inner_kl", "inner_step_length", "headroom", "alignment", "first_order_drop")
+              "inner_kl", "inner_kl_start", "inner_step_length", "inner_iw_std", "headroom", "alignment",
+              "first_order_drop")
 
 
 class TrainingDiverged(UserError):
@@ -74,6 +75,68 @@ def build_query_sets(policy: Policy, split: DomainSplit, names: list[str] | None
         out[name] = PreferenceSet.build(policy, [p.prompt for p in pairs], [p.chosen for p in pairs],
                                         [p.rejected for p in pairs])
     return out
+
+
+def build_demonstration_sets(policy: Policy, split: DomainSplit, cfg: Config,
+                             banks: dict[str, SampleBank]) -> dict[str, DemonstrationSet]:
+    """meta.inner_candidates=samples+demos: each meta-train domain's demonstrations, the human continuations of its
+    bank's support prompts (same order as the bank), never one of the domain's query responses (the outer data)."""
+    out = {}
+    for name in sorted(split.meta_train):
+        domain = split.meta_train[name]
+        support = domain.support_prompts[: cfg.meta.bank_size or None]
+        if banks[name].prompts[: len(support)] != [p.prompt for p in support]:
+            raise ValueError(f"the sample bank of {name} does not hold its support prompts in the split's order")
+        outer = [t for pair in domain.query_pairs for t in (pair.chosen, pair.rejected)]
+        out[name] = DemonstrationSet.build(policy, [p.prompt for p in support], [p.reference for p in support], outer)
+        if len(out[name]) == 0:
+            raise UserError(f"meta.inner_candidates=samples+demos: meta-train domain {name} has no support prompt with "
+                            "a human continuation (`reference`); give its prompts a reference (data.prompts_path) or "
+                            "set meta.inner_candidates=samples")
+    return out
+
+
+def domain_task(name: str, inner: list[list[int]], query: list[int], banks: dict[str, SampleBank],
+                queries: dict[str, PreferenceSet], demos: dict[str, DemonstrationSet] | None, rm: RewardModel,
+                policy: Policy, theta_d: dict[str, torch.Tensor] | None = None,
+                sample_seeds: list[int] | None = None) -> DomainTask:
+    """One drawn domain's DomainTask: its inner batches (with the same support prompts' demonstrations under
+    samples+demos) and its query pairs. From theta_init the inner samples are read from the pi_ref bank; from a warm
+    theta_d they are drawn fresh from pi_theta_d (seeded by `sample_seeds`, one per inner step): reweighting pi_ref
+    samples far off their support is what the warm start must not do (method.md)."""
+    pad = policy.tokenizer.pad_token_id
+    bank = banks[name]
+    if theta_d is None:
+        samples = [bank.select(b, pad, rm) for b in inner]
+    else:
+        samples = [draw_samples(policy, theta_d, [bank.prompts[i] for i in b], [bank.prompt_ids[i] for i in b],
+                                bank.n, seed, rm) for b, seed in zip(inner, sample_seeds)]
+    return DomainTask(name, samples, queries[name].select(query, pad, rm),
+                      None if demos is None else [demos[name].select(b, pad, rm) for b in inner], theta_d)
+
+
+def warm_sample_seed(seed: int, step: int, domain: int, k: int) -> int:
+    """The generator seed of a warm-started domain's fresh samples: a function of (seed, step, domain, inner step),
+    so that a resumed run draws exactly what the uninterrupted one drew."""
+    return int(np.random.SeedSequence([seed, step, domain, k]).generate_state(1)[0])
+
+
+def is_reset_step(step: int, meta: MetaConfig) -> bool:
+    """meta.inner_start=warm: every domain's theta_d is theta_init again at steps 1, 1 + R, 1 + 2R, ... (R =
+    meta.inner_reset; R = 1 is the init start)."""
+    return (step - 1) % meta.inner_reset == 0
+
+
+def share_inner_thetas(adapted: dict[str, dict[str, torch.Tensor]], drawn: list, template: dict[str, torch.Tensor],
+                       rank: int, world: int) -> None:
+    """Every process gets every drawn domain's theta_K: domain j of the meta-batch was adapted by process j % world
+    (drawn[rank::world]), which broadcasts it (a domain can fall to another process at a later step)."""
+    for j, (name, _, _) in enumerate(drawn):
+        owner = j % world
+        theta = adapted[name] if owner == rank else {k: torch.empty_like(v) for k, v in template.items()}
+        for k in sorted(theta):
+            torch.distributed.broadcast(theta[k], src=owner)
+        adapted[name] = theta
 
 
 def draw_tasks(step: int, cfg: Config, names: list[str], banks: dict[str, SampleBank | int],
@@ -179,6 +242,8 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
             banks = load_or_build_banks(policy, split, cfg, run_dir / "bank", accelerator, progress)
     with phase(timings, "query_sets"):
         queries = build_query_sets(policy, split)
+        demos = (build_demonstration_sets(policy, split, cfg, banks)
+                 if cfg.meta.inner_candidates == "samples+demos" else None)
     names = sorted(split.meta_train)
 
     params = [p for p in rm.model.parameters() if p.requires_grad]
@@ -192,11 +257,17 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
                             f"multiple of {world} processes; change one of them")
         rm.model, optimizer = prepare_deepspeed(accelerator, rm.model, optimizer, cfg.meta.grad_clip)
     start = load_checkpoint(run_dir, rm, optimizer, accelerator) if resume else 0
+    warm = cfg.meta.inner_start == "warm"
+    # theta_d of every domain drawn since the last reset (absent: theta_init); held by every process, checkpointed
+    inner_thetas = load_inner_thetas(run_dir, policy.theta_init()) if warm and start > 0 else {}
     claim.commit()  # start-up done: from here on a failure keeps the run's files for --resume
     logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start if resume else None,
                            config=cfg.to_dict(), tracking=cfg.tracking, stage="meta-train")
-    pad = policy.tokenizer.pad_token_id
     mode = resolved_hypergrad(cfg.meta)
+    if warm and main:
+        notice(f"meta.inner_start=warm (reset every {cfg.meta.inner_reset} outer steps): the hypergradient is taken "
+               "through each outer step's own K inner steps (truncated: theta_d's dependence on earlier rewards is "
+               "dropped); inner samples are drawn fresh from pi_theta_d")
     bar = tqdm(total=cfg.meta.outer_steps, initial=start, desc=f"meta-train ({mode}, K={cfg.meta.inner_steps})",
                disable=not progress, unit="step")
     done_here = 0
@@ -206,13 +277,17 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
         step_times: dict[str, float] = {}
         drawn = draw_tasks(step, cfg, names, banks, queries)
         mine = drawn[rank::world]
+        if warm and is_reset_step(step, cfg.meta):
+            inner_thetas.clear()
         with phase(step_times, "bank_reads"):
-            tasks = [DomainTask(name, [banks[name].select(b, pad, rm) for b in inner],
-                                queries[name].select(q, pad, rm)) for name, inner, q in mine]
+            tasks = [domain_task(name, inner, q, banks, queries, demos, rm, policy, inner_thetas.get(name),
+                                 [warm_sample_seed(cfg.seed, step, names.index(name), k) for k in range(len(inner))])
+                     for name, inner, q in mine]
         parts: dict[str, list[torch.Tensor]] = {}
+        adapted: dict[str, dict[str, torch.Tensor]] | None = {} if warm else None
         if sharded:  # DeepSpeed's backward reduce-scatters the gradients (a mean over processes), clips and steps
             stats = meta_gradient(policy, rm, tasks, cfg.meta, cfg.rloo, scale=len(drawn) / world,
-                                  timings=step_times, backward=accelerator.backward, parts=parts)
+                                  timings=step_times, backward=accelerator.backward, parts=parts, adapted=adapted)
             grad_norm = float(accelerator.deepspeed_engine_wrapped.get_global_grad_norm() or 0.0)
             norms = dict.fromkeys(("hypergrad_term_norm", "bt_term_norm", "grad_ratio"))  # not measured apart
         else:
@@ -221,7 +296,7 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             stats = meta_gradient(policy, rm, tasks, cfg.meta, cfg.rloo, scale=len(drawn), timings=step_times,
-                                  parts=parts) if tasks else {}
+                                  parts=parts, adapted=adapted) if tasks else {}
             hyper = parts.get("hyper") or [torch.zeros_like(p) for p in params]
             with phase(step_times, "all_reduce"):
                 if world > 1:  # sum of the processes' shares = the single-process mean over the meta-batch
@@ -252,6 +327,10 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
                                    f"stopped, last good checkpoint: {where}; lower meta.outer_lr or meta.inner_lr")
         if not sharded:
             optimizer.step()
+        if warm:  # theta_K of this step's domains is their theta_d from now on
+            if world > 1:
+                share_inner_thetas(adapted, drawn, policy.theta_init(), rank, world)
+            inner_thetas.update(adapted)
         step_times["total"] = time.perf_counter() - t0
         for k, v in step_times.items():
             timings[f"step_{k}"] = timings.get(f"step_{k}", 0.0) + v
@@ -262,7 +341,7 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
         bar.set_postfix(outer=f"{stats.get('outer_loss', float('nan')):.4f}",
                         acc=f"{stats.get('query_accuracy', float('nan')):.2f}")
         if step % cfg.meta.checkpoint_every == 0 and step < cfg.meta.outer_steps:
-            save_checkpoint(run_dir, step, rm, policy, optimizer, accelerator)
+            save_checkpoint(run_dir, step, rm, policy, optimizer, accelerator, inner_thetas if warm else None)
         done_here += 1
         if stop_after is not None and done_here >= stop_after:
             bar.close()
@@ -272,7 +351,12 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
     logger.close()
     summary = {"outer_steps": cfg.meta.outer_steps, "hypergrad": mode, "domains": names,
                "timings": timings, "reward_model": str(final_dir)}
-    save_checkpoint(run_dir, step, rm, policy, optimizer, accelerator)
+    if warm:
+        summary["inner_start"] = {"mode": "warm", "inner_reset": cfg.meta.inner_reset,
+                                  "hypergradient": "truncated at theta_d: through each outer step's own K inner steps"}
+    if demos is not None:  # demonstrations per domain (support prompts with a reference not among the query responses)
+        summary["demonstrations"] = {name: len(d) for name, d in demos.items()}
+    save_checkpoint(run_dir, step, rm, policy, optimizer, accelerator, inner_thetas if warm else None)
     rm.model = accelerator.unwrap_model(rm.model)
     if main:
         rm.save(final_dir)

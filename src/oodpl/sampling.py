@@ -242,6 +242,38 @@ class Samples:
         return [p for p in self.prompts for _ in range(self.n)]
 
 
+@contextmanager
+def parameters_at(model: nn.Module, params: dict[str, torch.Tensor]):
+    """`model` with `params` (name -> tensor) in place of its own tensors, for code that calls the module itself
+    (model.generate); its own tensors are back afterwards, whatever happens inside."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with _reparametrize_module(model, params, strict=False):
+        yield model
+
+
+def draw_samples(policy, theta: dict[str, torch.Tensor], prompts: list[str], prompt_ids: list[list[int]], n: int,
+                 seed: int, rm=None) -> Samples:
+    """n fresh samples per prompt from pi_theta (the warm-started inner policy of method.md), the generator seeded
+    by `seed`: with log pi_ref, the behaviour log-probability log pi_theta (so the importance weights are 1 at theta)
+    and, with adapters on the top layers only, the frozen trunk of the new sequences (computed once, here)."""
+    cfg, tok = policy.config, policy.tokenizer
+    with parameters_at(policy.model, theta) as model:
+        response_ids = sample_responses(model, tok, prompt_ids, n, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                        cfg.top_p, batch_size=len(prompt_ids) * n, generator_seed=seed)
+    rows_r = [r for rs in response_ids for r in rs]
+    batch = policy.with_trunk(collate([p for p in prompt_ids for _ in range(n)], rows_r, tok.pad_token_id))
+    with torch.no_grad():
+        behaviour = policy.logprobs(batch, params=theta)
+        with policy.reference() as ref:
+            ref_logp = policy_logprobs(ref, batch)
+    texts = [tok.decode(r, skip_special_tokens=True) for r in rows_r]
+    samples = Samples(list(prompts), texts, batch, ref_logp, behaviour, n)
+    if rm is not None:
+        samples.rm_encoding = rm.encode(samples.repeated_prompts(), texts)
+    return samples
+
+
 @dataclass
 class SampleBank:
     """Reference-policy samples for one domain's support prompts: generated once, stored with the run, reused."""
