@@ -113,17 +113,22 @@ def test_leverage_study_command_on_tiny_models(tmp_path, capsys):
     pairs.write_text("".join(json.dumps({"domain": d, "prompt": f"{d} says {i}", "chosen": f"lovely kind words {i}",
                                          "rejected": f"awful bad {i}"}) + "\n"
                              for d in ("alpha", "beta", "gamma") for i in range(10)))
+    prompts = tmp_path / "prompts.jsonl"  # support prompts with human continuations (the demonstrations)
+    prompts.write_text("".join(json.dumps({"domain": d, "prompt": f"{d} says {i}", "reference": f"kind reply {i}"})
+                               + "\n" for d in ("alpha", "beta", "gamma") for i in range(10)))
     sets = ["policy.name_or_path=tiny-random", "reward.name_or_path=tiny-random", "data.task=file",
-            f"data.path={pairs}", "data.held_out_domains=[gamma]", "data.support_size=4", "data.query_size=4",
+            f"data.path={pairs}", f"data.prompts_path={prompts}", "data.held_out_domains=[gamma]", "data.support_size=4", "data.query_size=4",
             "rloo.batch_prompts=2", "rloo.num_samples=2", "policy.max_new_tokens=3", "eval.judge=vader",
             "report_to=[none]", "policy.trainable_layers=1"]
     args = [x for s in sets for x in ("--set", s)]
     out = tmp_path / "lev"
-    only = ["all layers", "beta x5", "inner prompts = query prompts", "human cap from data"]
+    only = ["all layers", "beta x5", "inner prompts = query prompts", "human cap from data", "samples+demos",
+            "warm theta_d"]
     assert main(["--quiet", "diagnose", "leverage", "-o", str(out), "--draws", "2", "--only", *only, *args]) == 0
     study = json.loads((out / "leverage.json").read_text())
     assert [r["variation"] for r in study["rows"]] == ["baseline", "all layers", "beta x5", "human cap from data",
-                                                       "inner prompts = query prompts"]
+                                                       "inner prompts = query prompts", "samples+demos",
+                                                       "warm theta_d"]
     assert study["domains"] == ["alpha", "beta"]  # meta-train domains only: gamma is held out
     for row in study["rows"]:
         assert set(row["cells"]) == {"alpha", "beta"} and all(len(c) == 2 for c in row["cells"].values())
@@ -137,6 +142,12 @@ def test_leverage_study_command_on_tiny_models(tmp_path, capsys):
     assert beta5["setting"]["beta"] == pytest.approx(0.5)
     cap = study["rows"][3]
     assert cap["human_responses_cut"] == 0 and cap["setting"]["response_cap"] >= 3  # the data's longest response
+    demos, warm = study["rows"][5], study["rows"][6]
+    for cell in (c for cs in demos["cells"].values() for c in cs):  # the demonstrations join H as a second block
+        assert cell["num_demos"] == 2 and cell["headroom"] == pytest.approx(cell["headroom_samples"]
+                                                                             + cell["headroom_demos"], rel=1e-9)
+    for cell in (c for cs in warm["cells"].values() for c in cs):  # theta_d != theta_init: L_out moved from log 2
+        assert cell["outer_loss_before"] != pytest.approx(math.log(2), abs=1e-9)
     assert "| baseline |" in (out / "leverage.md").read_text()
     stamp = (out / "rows" / "baseline.json").stat().st_mtime_ns
     assert main(["--quiet", "diagnose", "leverage", "-o", str(out), "--draws", "2", "--only", *only, *args]) == 0

@@ -42,6 +42,7 @@ class Variation:
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
     inner_prompts: str = "support"  # "support" (the domain's support prompts) or "query" (its query pairs' prompts)
+    warm_steps: int = 0  # > 0: measured at a warm theta_d, after this many inner steps under erm-rm (fresh samples)
     note: str = ""
 
 
@@ -66,6 +67,13 @@ def variations(cfg: Config) -> list[Variation]:
                           note="the cap = the longest human response of the study domains' pairs"))
     rows.append(Variation("inner prompts = query prompts", inner_prompts="query",
                           note="the inner step samples on the query pairs' own prompts"))
+    rows.append(Variation("samples+demos", {"meta.inner_candidates": "samples+demos"},
+                          note="the drawn support prompts' human continuations join the step as demonstrations "
+                               "(method.md, \"Demonstrations in the inner step\"; meta.demo_weight "
+                               f"{cfg.meta.demo_weight:g})"))
+    rows.append(Variation("warm theta_d", {"meta.inner_start": "warm"}, warm_steps=3,
+                          note="the step is taken at theta_d reached by 3 earlier inner steps under erm-rm, on fresh "
+                               "samples of pi_theta_d (method.md, \"Warm-started inner policy\")"))
     return rows
 
 
@@ -104,6 +112,7 @@ class _Study:
         self._banks: dict = {}
         self._rms: dict = {}
         self._queries: dict = {}
+        self._demos: dict = {}
 
     def policy(self, c: Config):
         from .models import load_policy, place
@@ -114,6 +123,7 @@ class _Study:
         if key not in self._policies:
             self._policies.clear()  # one policy in memory at a time
             self._queries.clear()
+            self._demos.clear()
             self._policies[key] = place(load_policy(c.policy, seed=c.seed), None)
         policy = self._policies[key]
         policy.config = c.policy
@@ -173,6 +183,40 @@ class _Study:
                                                      [p.rejected for p in pairs])
         return self._queries[key]
 
+    def demos(self, c: Config, policy, d: str, bank):
+        """The domain's demonstrations (support prompts' references, never a query response), in bank order."""
+        from .bilevel import DemonstrationSet
+
+        key = (d, c.policy.trainable_layers, c.policy.response_cap())
+        if key not in self._demos:
+            dom = self.split.meta_train[d]
+            refs = {p.prompt: p.reference for p in dom.support_prompts}
+            outer = [t for pair in dom.query_pairs for t in (pair.chosen, pair.rejected)]
+            self._demos[key] = DemonstrationSet.build(policy, bank.prompts, [refs.get(p) for p in bank.prompts], outer)
+        return self._demos[key]
+
+    def warm_theta(self, c: Config, policy, task_of, rm, di: int, bank, rng, pad: int, steps: int):
+        """theta_d after `steps` inner steps under erm-rm from theta_init, each on a fresh draw of pi_theta samples."""
+        import copy
+
+        from .bilevel import inner_loop
+        from .metatrain import warm_sample_seed
+        from .sampling import draw_samples
+
+        one = copy.copy(c.meta)
+        one.inner_steps, one.inner_candidates = 1, "samples"
+        theta = {k: v.detach() for k, v in policy.theta_init().items()}
+        B = min(c.rloo.batch_prompts, len(bank.prompts))
+        for w in range(steps):
+            idx = sorted(rng.choice(len(bank.prompts), size=B, replace=False).tolist())
+            samples = draw_samples(policy, theta, [bank.prompts[i] for i in idx], [bank.prompt_ids[i] for i in idx],
+                                   c.rloo.num_samples, warm_sample_seed(c.seed, 10_000 + w, di, 0), rm)
+            with torch.no_grad():
+                r = rm.forward_encoded(samples.rm_encoding)
+            thetas, _ = inner_loop(policy, task_of([samples], None, theta), [r], one, c.rloo)
+            theta = {k: v.detach() for k, v in thetas[-1].items()}
+        return theta
+
     def human_cap(self) -> int:
         policy = self.policy(self.cfg)
         pairs = [p for d in self.domains for p in self.split.meta_train[d].query_pairs]
@@ -203,22 +247,41 @@ class _Study:
             q = query.select(list(range(min(len(query), self.pairs))), pad, rm)
             rng = np.random.default_rng([c.seed, 31, di])
             B = min(c.rloo.batch_prompts, len(bank.prompts))
-            for _ in range(self.draws):
+            demo_set = self.demos(c, policy, d, bank) if c.meta.inner_candidates == "samples+demos" else None
+
+            def task_of(inner, demos, theta):
+                return DomainTask(d, inner, q, demos, theta)
+
+            for j in range(self.draws):
+                theta = (self.warm_theta(c, policy, task_of, rm, di, bank, rng, pad, v.warm_steps)
+                         if v.warm_steps else None)
                 idx = sorted(rng.choice(len(bank.prompts), size=B, replace=False).tolist())
-                samples = bank.select(idx, pad, rm)
+                if theta is None:
+                    samples = bank.select(idx, pad, rm)
+                else:  # fresh samples of pi_theta_d, as the warm-started inner step draws them
+                    from .metatrain import warm_sample_seed
+                    from .sampling import draw_samples
+
+                    samples = draw_samples(policy, theta, [bank.prompts[i] for i in idx],
+                                           [bank.prompt_ids[i] for i in idx], c.rloo.num_samples,
+                                           warm_sample_seed(c.seed, 20_000 + j, di, 0), rm)
+                demos = None if demo_set is None else demo_set.select(idx, pad, rm)
+                candidates = [samples] + ([demos] if demos is not None else [])
                 with torch.no_grad():
-                    r_rm = rm.forward_encoded(samples.rm_encoding)
-                prompts = samples.repeated_prompts()
-                gold = self.judge.score(prompts, samples.responses,
-                                        [refs.get(p) for p in prompts] if refs else None)
-                task = DomainTask(d, [samples], q)
+                    r_rm = torch.cat([rm.forward_encoded(x.rm_encoding) for x in candidates])
+                gold = []
+                for x in candidates:
+                    prompts = x.repeated_prompts()
+                    gold += self.judge.score(prompts, x.responses, [refs.get(p) for p in prompts] if refs else None)
+                task = task_of([samples], None if demos is None else [demos], theta)
                 cells.setdefault(d, []).append(step_leverage(
                     policy, task, {"erm-rm": r_rm, "gold": torch.tensor(gold, dtype=torch.float64)}, c.meta, c.rloo))
         return {"variation": v.name, "overrides": overrides, "inner_prompts": v.inner_prompts, "note": v.note,
                 "setting": {"trainable_layers": c.policy.trainable_layers, "inner_lr": c.meta.inner_lr,
                             "beta": c.rloo.beta, "num_samples": c.rloo.num_samples,
                             "batch_prompts": c.rloo.batch_prompts, "max_new_tokens": c.policy.max_new_tokens,
-                            "response_cap": c.policy.response_cap()},
+                            "response_cap": c.policy.response_cap(), "inner_candidates": c.meta.inner_candidates},
+                "warm_steps": v.warm_steps,
                 "human_responses_cut": cut, "human_responses": total, "draws": self.draws,
                 "query_pairs": min(self.pairs, min(len(self.split.meta_train[d].query_pairs) for d in self.domains)),
                 "cells": cells, "summary": summarise(cells), "seconds": time.time() - t0}
@@ -282,7 +345,9 @@ def render(study: dict) -> str:
         s, m = r["setting"], r["summary"]
         setting = (f"L={s['trainable_layers'] or 'all'}, alpha={s['inner_lr']:g}, beta={s['beta']:g}, "
                    f"n={s['num_samples']}, B={s['batch_prompts']}, T={s['max_new_tokens']}, cap={s['response_cap']}"
-                   + (", inner=query prompts" if r["inner_prompts"] == "query" else ""))
+                   + (", inner=query prompts" if r["inner_prompts"] == "query" else "")
+                   + (f", {s['inner_candidates']}" if s.get("inner_candidates", "samples") != "samples" else "")
+                   + (f", warm after {r['warm_steps']} steps" if r.get("warm_steps") else ""))
         lines.append(f"| {r['variation']} | {setting} | {_fmt(m['headroom'])} | {_fmt(m['oracle_real_drop'])} | "
                      f"{_fmt(m['oracle_kl'], 3)} | {_fmt(m['erm_alignment'], 3)} | {_fmt(m['erm_real_drop'])} | "
                      f"{_fmt(m['gold_alignment'], 3)} | {m['floor']['mean']:.3f} | "
