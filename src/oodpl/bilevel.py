@@ -272,6 +272,17 @@ def adapted_kl(policy: Policy, samples: Samples, theta: dict[str, torch.Tensor])
     return float((v * log_w - v + torch.exp((ref - behaviour).double())).mean())
 
 
+@torch.no_grad()
+def reference_kl(policy: Policy, samples: Samples, theta: dict[str, torch.Tensor]) -> float:
+    """KL(pi_ref || pi_theta) after a step, mean_j u_j (log pi_ref - log pi_theta)(y_j), u = pi_ref / b for samples of
+    b (1 for bank samples). Beside adapted_kl: no weight pi_theta / pi_ref enters, so a step that makes a few samples
+    far more likely (w >> 1, where adapted_kl's estimate explodes) still gives a usable number."""
+    logp = policy.logprobs(samples.batch, params={k: v.detach() for k, v in theta.items()})
+    ref = samples.ref_logp.to(logp.device)
+    behaviour = ref if samples.behaviour_logp is None else samples.behaviour_logp.to(logp.device)
+    return float((torch.exp((ref - behaviour).double()) * (ref - logp).double()).mean())
+
+
 def step_length(theta_a: dict[str, torch.Tensor], theta_b: dict[str, torch.Tensor]) -> float:
     """||theta_b - theta_a|| over all trainable tensors (the length of the inner optimisation's path end to end)."""
     return float(torch.sqrt(sum(((theta_b[k].detach() - theta_a[k].detach()).double() ** 2).sum() for k in theta_a)))
@@ -577,5 +588,6 @@ def step_leverage(policy: Policy, task: DomainTask, rewards: dict[str, torch.Ten
         out[name] = {"alignment": figures["alignment"], "first_order_drop": figures["first_order_drop"],
                      **{k: figures[k] for k in ("alignment_samples", "alignment_demos") if k in figures},
                      "real_drop": before - after, "kl_after": adapted_kl(policy, samples, thetas[-1]),
+                     "kl_ref_after": reference_kl(policy, samples, thetas[-1]),
                      "step_length": step_length(thetas[0], thetas[-1])}
     return out

@@ -291,6 +291,7 @@ METRICS = [  # (key in the summary, path in a step_leverage record)
     ("headroom", ("headroom",)),
     ("oracle_real_drop", ("oracle", "real_drop")),
     ("oracle_kl", ("oracle", "kl_after")),
+    ("oracle_kl_ref", ("oracle", "kl_ref_after")),
     ("erm_alignment", ("erm-rm", "alignment")),
     ("erm_real_drop", ("erm-rm", "real_drop")),
     ("gold_alignment", ("gold", "alignment")),
@@ -299,19 +300,31 @@ METRICS = [  # (key in the summary, path in a step_leverage record)
 ]
 
 
-def _get(record: dict, path: tuple[str, ...]) -> float:
+def _get(record: dict, path: tuple[str, ...]) -> float | None:
     for k in path:
+        if k not in record:
+            return None  # measured by a later version only
         record = record[k]
     return float(record)
 
 
 def summarise(cells: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per metric: the mean over draws within each domain, then a 95% t-interval over domains."""
+    """Per metric: the mean over draws within each domain, then a 95% t-interval over domains; and the median over
+    all cells (the KL estimates are heavy-tailed once a step leaves the samples' support)."""
     out = {}
     for key, path in METRICS:
-        per_domain = [float(np.mean([_get(r, path) for r in recs])) for recs in cells.values()]
-        out[key] = {**t_interval(per_domain), "per_domain": dict(zip(cells, per_domain))}
+        values = {d: [_get(r, path) for r in recs] for d, recs in cells.items()}
+        if any(v is None for vs in values.values() for v in vs):
+            out[key] = {**t_interval([]), "per_domain": {}, "median": None}
+            continue
+        per_domain = [float(np.mean(vs)) for vs in values.values()]
+        out[key] = {**t_interval(per_domain), "per_domain": dict(zip(cells, per_domain)),
+                    "median": float(np.median([v for vs in values.values() for v in vs]))}
     return out
+
+
+def _median(m: dict, digits: int = 3) -> str:
+    return "n/a" if m.get("median") is None else f"{m['median']:.{digits}f}"
 
 
 def _fmt(ci: dict, digits: int = 4) -> str:
@@ -323,7 +336,7 @@ def _fmt(ci: dict, digits: int = 4) -> str:
 
 
 def render(study: dict) -> str:
-    rows = study["rows"]
+    rows = [{**r, "summary": summarise(r["cells"])} for r in study["rows"]]  # rows of earlier versions too
     base = rows[0]["setting"]
     lines = [
         "# Leverage of the meta-objective (meta-train domains only)", "",
@@ -337,9 +350,9 @@ def render(study: dict) -> str:
         f"{len(study['domains'])} domains. erm-rm is trained on the other study domains' pairs (leave-one-domain-out)."
         " Drops are in nats (positive = the step lowers the outer loss); log 2 = 0.6931 is the outer loss at pi_ref.",
         "",
-        "| variation | setting | headroom H | oracle real drop | oracle inner KL | erm-rm alignment | erm-rm real drop "
-        "| gold alignment | floor | human responses cut | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variation | setting | headroom H | oracle real drop | oracle inner KL (median) | oracle KL(ref, pi) (median) "
+        "| erm-rm alignment | erm-rm real drop | gold alignment | floor | human responses cut | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, m = r["setting"], r["summary"]
@@ -349,7 +362,8 @@ def render(study: dict) -> str:
                    + (f", {s['inner_candidates']}" if s.get("inner_candidates", "samples") != "samples" else "")
                    + (f", warm after {r['warm_steps']} steps" if r.get("warm_steps") else ""))
         lines.append(f"| {r['variation']} | {setting} | {_fmt(m['headroom'])} | {_fmt(m['oracle_real_drop'])} | "
-                     f"{_fmt(m['oracle_kl'], 3)} | {_fmt(m['erm_alignment'], 3)} | {_fmt(m['erm_real_drop'])} | "
+                     f"{_median(m['oracle_kl'])} | {_median(m['oracle_kl_ref'])} | "
+                     f"{_fmt(m['erm_alignment'], 3)} | {_fmt(m['erm_real_drop'])} | "
                      f"{_fmt(m['gold_alignment'], 3)} | {m['floor']['mean']:.3f} | "
                      f"{r['human_responses_cut']}/{r['human_responses']} | {r['seconds']:.0f} |")
     lines += ["", "How to read it: H bounds what any reward can do per inner step; the oracle's real drop is what "
@@ -358,12 +372,17 @@ def render(study: dict) -> str:
               "means the direction the outer loss asks for is not the one the gold judge prefers. A preset should "
               "run where H and the oracle's real drop are large against the effect it wants to detect, at a "
               "moderate inner KL.", ""]
-    best = max((r for r in rows if r["summary"]["oracle_kl"]["mean"] is not None
-                and r["summary"]["oracle_kl"]["mean"] <= 0.5), default=None,
+    best = max((r for r in rows if r["summary"]["oracle_kl"].get("median") is not None
+                and r["summary"]["oracle_kl"]["median"] <= 0.5), default=None,
                key=lambda r: r["summary"]["oracle_real_drop"]["mean"])
     if best is not None:
-        lines.append(f"Largest oracle real drop at an oracle inner KL of at most 0.5 nats: **{best['variation']}** "
-                     f"({_fmt(best['summary']['oracle_real_drop'])} nats).")
+        lines.append(f"Largest oracle real drop at a median oracle inner KL of at most 0.5 nats: "
+                     f"**{best['variation']}** ({_fmt(best['summary']['oracle_real_drop'])} nats).")
+    lines.append("")
+    lines.append("The inner KL is KL(pi_theta1 || pi_ref) estimated on the step's samples with weights pi_theta1 / "
+                 "pi_ref (bilevel.adapted_kl); once a step makes a few samples far more likely the estimate explodes, "
+                 "so the table shows medians over cells, and KL(pi_ref || pi_theta1) (bilevel.reference_kl, no such "
+                 "weight) beside it where measured.")
     for r in rows:
         if r["note"]:
             lines.append(f"- {r['variation']}: {r['note']}.")
