@@ -24,9 +24,10 @@ from .objectives import pair_accuracy
 from .config import Config, dump_config, resolved_hypergrad
 from .data.split import DomainSplit, build_split
 from .distributed import make_accelerator, prepare_deepspeed, uses_deepspeed
-from .checkpoints import last_good_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import drop_damaged_files, last_good_checkpoint, load_checkpoint, save_checkpoint, write_manifest
 from .errors import RunClaim, UserError, atomic_write_json, atomic_write_text, claim_run_dir
 from .models import Policy, RewardModel, load_policy, load_reward_checkpoint, load_reward_model, place
+from .paths import inside
 from .runlog import MetricsLogger, phase, seed_everything
 from .sampling import SampleBank, build_bank
 
@@ -50,10 +51,13 @@ def load_or_build_banks(policy: Policy, split: DomainSplit, cfg: Config, directo
 
     Each process generates the domains i with i % world == rank; everybody then reads all of them."""
     directory.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # resume reads the banks: ones that do not match bank/manifest.json are rebuilt
+        drop_damaged_files(directory, "sample bank")
+    accelerator.wait_for_everyone()
     names = sorted(split.meta_train)
     rank, world = accelerator.process_index, accelerator.num_processes
     for i, name in enumerate(names):
-        path = directory / f"{name}.pt"
+        path = inside(directory, f"{name}.pt")
         if i % world != rank or path.exists():
             continue
         prompts = [p.prompt for p in split.meta_train[name].support_prompts][: cfg.meta.bank_size or None]
@@ -61,6 +65,8 @@ def load_or_build_banks(policy: Policy, split: DomainSplit, cfg: Config, directo
                           desc=f"bank {name}")
         bank.save(path)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_manifest(directory)
     # log pi_ref moved to the policy's device; the frozen trunk (policy.trainable_layers) is kept in memory only:
     # computed once per run for every bank
     return {name: SampleBank.load(directory / f"{name}.pt").for_policy(policy) for name in names}
@@ -187,7 +193,7 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
         rm.model, optimizer = prepare_deepspeed(accelerator, rm.model, optimizer, cfg.meta.grad_clip)
     start = load_checkpoint(run_dir, rm, optimizer, accelerator) if resume else 0
     claim.commit()  # start-up done: from here on a failure keeps the run's files for --resume
-    logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start if resume else None,
+    logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start,
                            config=cfg.to_dict(), tracking=cfg.tracking, stage="meta-train")
     pad = policy.tokenizer.pad_token_id
     mode = resolved_hypergrad(cfg.meta)
