@@ -301,10 +301,15 @@ class RunClaim:
                 raise UserError(f"output directory {self.path} is in use by another oodpl process (pid {holder}); "
                                 "wait for it to finish, stop it, or choose another --output") from None
             raise
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):  # closing flushes the same buffer again
+                f.close()
+            raise with_filename(e, lock_path)
         self._lock_file = f
 
     def _unlock(self) -> None:
