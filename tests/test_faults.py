@@ -857,17 +857,18 @@ def test_duplicate_yaml_keys_csv_headers_and_json_keys_are_errors_naming_both(tm
 
 def test_saved_weights_follow_the_umask(tmp_path, saved_policy, interrupted):
     from oodpl.config import RewardConfig
+    from oodpl.errors import file_mode
     from oodpl.models import load_reward_model
 
     old = os.umask(0o022)
     try:
         load_reward_model(RewardConfig(name_or_path="tiny-random")).save(tmp_path / "rm")
-        shutil.copytree(interrupted[0], tmp_path / "run", ignore=shutil.ignore_patterns(".oodpl.lock"))
     finally:
         os.umask(old)
-    weights = [tmp_path / "rm" / "model.safetensors", saved_policy / "adapter_model.safetensors",
-               interrupted[0] / "checkpoints" / "step-000003" / "reward_model" / "model.safetensors"]
-    assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in weights] == [oct(0o644)] * 3
+    assert stat.S_IMODE((tmp_path / "rm" / "model.safetensors").stat().st_mode) == 0o644
+    made_by_fixtures = [saved_policy / "adapter_model.safetensors", saved_policy / "base_model" / "model.safetensors",
+                        interrupted[0] / "checkpoints" / "step-000003" / "reward_model" / "model.safetensors"]
+    assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in made_by_fixtures] == [oct(file_mode())] * 3
 
 
 def test_a_directory_or_fifo_as_config_says_so(tmp_path, capsys):

@@ -66,15 +66,13 @@ def is_disk_full(e: BaseException, path: str | os.PathLike | None = None) -> boo
     return free is not None and free < DISK_FULL_FREE_BYTES
 
 
-def describe_failure(e: BaseException, after: str = "", path: str | os.PathLike | None = None) -> str | None:
+def describe_failure(e: BaseException, after: str = "") -> str | None:
     """One line for a failure of the file system (an OSError, or a library's wrapper of one: torch.save reports a
     full disk as RuntimeError, safetensors as its own error type); None for anything else (a bug: traceback).
-    `after` ends a disk-full line with the advice that fits the run's state (e.g. how to resume); `path` is the file
-    or directory being written when the error itself names none."""
+    `after` ends a disk-full line with the advice that fits the run's state (e.g. how to resume)."""
     text = str(e)
-    where = (e.filename if isinstance(e, OSError) and e.filename else None) or path
-    full = is_disk_full(e, where)
-    if full:
+    where = e.filename if isinstance(e, OSError) and e.filename else None
+    if is_disk_full(e, where):
         named = f"while writing {where}" if where else f"({(text.splitlines() or [''])[0][:160]})"
         return f"no space left on device {named}; free some space and rerun{after}"
     if isinstance(e, OSError):
