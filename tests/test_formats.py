@@ -148,7 +148,7 @@ def test_trl_trained_rm_scores_identically(tmp_path, fixture, input_format):
         logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     trl_chosen, trl_rejected = logits[: len(rows)], logits[len(rows):]
     # oodpl's scores from the saved directory, on the pairs it reads from the same file
-    rm = load_reward_checkpoint(tmp_path / "rm", RewardConfig(max_length=512, input_format=input_format))
+    rm = load_reward_checkpoint(tmp_path / "rm", RewardConfig(max_length=256, input_format=input_format))  # all positions
     pairs = read_pairs(FIX / fixture)
     ours_c = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
     ours_r = rm.score([p.prompt for p in pairs], [p.rejected for p in pairs])

@@ -46,7 +46,7 @@ def test_meta_train_writes_a_loadable_reward_model(tmp_path):
     for name in ("reward_model/config.json", "config.yaml", "split.json", "metrics.jsonl", "summary.json"):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").iterdir())
-    assert sorted(p.name for p in (out / "bank").iterdir()) == ["alpha.pt", "beta.pt"]
+    assert sorted(p.name for p in (out / "bank").iterdir()) == ["alpha.pt", "beta.pt", "manifest.json"]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("outer_loss", "bt_loss", "query_accuracy", "hypergrad_norm", "time/jvp", "time/total"):

@@ -601,9 +601,9 @@ class Benchmark:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from .runlog import read_metrics
+
+    return read_metrics(path)  # skips a torn last line
 
 
 def run_benchmark(cfg: Config, output: str | Path) -> dict:

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from .distributed import uses_deepspeed
-from .errors import UserError, atomic_write_text, describe_failure, sha256_file, write_failed
+from .errors import (UserError, atomic_write_text, describe_failure, follow_umask, is_disk_full, sha256_file,
+                     write_failed)
 from .runlog import rng_state, set_rng_state
 
 MANIFEST = "manifest.json"
@@ -43,34 +44,89 @@ def notice(message: str) -> None:
 # Manifest
 
 
-def write_manifest(directory: Path, step: int) -> None:
+def write_manifest(directory: Path, step: int | None = None) -> None:
+    """manifest.json: size and sha256 of every file under `directory` (and the step of a checkpoint)."""
     files = {}
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             files[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    atomic_write_text(directory / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+    head = {"step": step} if step is not None else {}
+    atomic_write_text(directory / MANIFEST, json.dumps({**head, "files": files}, indent=1) + "\n")
 
 
-def verify_checkpoint(directory: Path) -> str | None:
-    """None when every file of the manifest is present with its size and sha256; else what is wrong (one phrase)."""
-    if not directory.is_dir():
-        return "missing"
+def _manifest_files(directory: Path) -> dict:
+    """The manifest's {relative path: {size, sha256}}; FileNotFoundError without one, ValueError when unreadable."""
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-        files = manifest["files"]
+        files = json.loads((directory / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"no {MANIFEST} (incomplete write)"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"unreadable {MANIFEST}"
-    for rel, meta in files.items():
-        p = directory / rel
-        if not p.is_file():
-            return f"{rel} missing"
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise ValueError(f"unreadable {MANIFEST}") from None
+    if not isinstance(files, dict):
+        raise ValueError(f"unreadable {MANIFEST}")
+    return files
+
+
+def _file_problem(directory: Path, rel: str, meta) -> str | None:
+    p = directory / rel
+    if not p.is_file():
+        return f"{rel} missing"
+    try:
         if p.stat().st_size != meta["size"]:
             return f"{rel} has {p.stat().st_size} bytes, expected {meta['size']}"
         if sha256_file(p) != meta["sha256"]:
             return f"{rel} does not match its sha256"
+    except (TypeError, KeyError):
+        return f"unreadable {MANIFEST}"
     return None
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """None when every file of the manifest is present with its size and sha256; else what is wrong (one phrase).
+    A checkpoint without a manifest is unverified, and so refused: its files cannot be told from damaged ones."""
+    if not directory.is_dir():
+        return "missing"
+    try:
+        files = _manifest_files(directory)
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an incomplete write, or removed: its files cannot be verified)"
+    except ValueError as e:
+        return str(e)
+    for rel, meta in files.items():
+        problem = _file_problem(directory, rel, meta)
+        if problem:
+            return problem
+    return None
+
+
+def drop_damaged_files(directory: Path, what: str) -> None:
+    """Remove each file of `directory` that does not match its manifest (one notice line each), so that it is made
+    again (main process). Files the manifest does not list are kept: a manifest is rewritten after every build."""
+    try:
+        files = _manifest_files(directory)
+    except FileNotFoundError:
+        return
+    except ValueError as e:
+        notice(f"{directory / MANIFEST}: {e}; rebuilding the {what}")
+        files = {p.relative_to(directory).as_posix(): {} for p in directory.rglob("*") if p.is_file()}
+        (directory / MANIFEST).unlink(missing_ok=True)
+    for rel, meta in files.items():
+        problem = _file_problem(directory, rel, meta) if meta else "unverifiable"
+        if problem and (directory / rel).is_file():
+            (directory / rel).unlink()
+            notice(f"{what} file {directory / rel} is damaged ({problem}); making it again")
+
+
+def resume_advice(run_dir: Path) -> str:
+    """The end of a 'free some space and rerun' line for a meta-train run, as its checkpoints stand."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    try:
+        name = latest.read_text().strip() if latest.is_file() else ""
+    except OSError:
+        name = ""
+    if name:
+        return f" with --resume (the previous checkpoint {name} is intact)"
+    return " (no checkpoint was written yet: the run starts again from step 0)"
 
 
 def checkpoint_dirs(ckpt_root: Path) -> list[Path]:
@@ -151,14 +207,16 @@ def save_checkpoint(run_dir: Path, step: int, rm, policy, optimizer, accelerator
             if inner_thetas is not None:
                 torch.save({d: {k: v.detach().cpu() for k, v in theta.items()} for d, theta in inner_thetas.items()},
                            tmp / INNER_THETAS)
+            follow_umask(tmp)
             write_manifest(tmp, step)
-    except Exception as e:  # torch.save reports a full disk as RuntimeError, safetensors as SafetensorError
+    except Exception as e:  # torch.save reports a full disk as RuntimeError ("unexpected pos"), safetensors as
+        # SafetensorError: measured before the partial checkpoint is removed (which frees the space again)
+        full = not isinstance(e, UserError) and is_disk_full(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, UserError) or describe_failure(e) is None:
+        if not full and (isinstance(e, UserError) or describe_failure(e) is None):
             raise
-        previous = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").exists() else None
-        after = f" with --resume (the previous checkpoint {previous} is intact)" if previous else ""
-        raise write_failed(tmp if not isinstance(e, OSError) or not e.filename else e.filename, e, after) from None
+        named = e.filename if isinstance(e, OSError) and e.filename else tmp
+        raise write_failed(named, e, resume_advice(run_dir), full=full) from None
     if main:
         old = target.with_name(f".{target.name}.old") if target.exists() else None
         if old is not None:
@@ -214,7 +272,7 @@ def load_checkpoint(run_dir: Path, rm, optimizer, accelerator) -> int:
         bad.append((ckpt_root / named, "missing"))
     step, used = 0, None
     for ckpt in candidates:
-        problem = verify_checkpoint(ckpt) if (ckpt / MANIFEST).exists() else None  # older runs: no manifest
+        problem = verify_checkpoint(ckpt)
         if problem is None:
             try:
                 step, used = _load_one(ckpt, rm, optimizer, accelerator), ckpt
@@ -286,7 +344,7 @@ def last_good_checkpoint(run_dir: Path, bound: float = WEIGHT_BOUND) -> str | No
     --resume restarts there); newer ones are moved to checkpoints/aside/. None when there is none (main process)."""
     ckpt_root = run_dir / "checkpoints"
     for ckpt in checkpoint_dirs(ckpt_root):
-        problem = verify_checkpoint(ckpt) if (ckpt / MANIFEST).exists() else None
+        problem = verify_checkpoint(ckpt)
         if problem is None:
             try:
                 problem = weights_bounded(ckpt, bound)

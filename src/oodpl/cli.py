@@ -196,11 +196,21 @@ def _cmd_meta_train(args) -> int:
 
 
 def _check_reward_model(path: str | None) -> None:
-    """A --reward-model directory must be a one-output sequence classifier: checked before any output is created."""
+    """A --reward-model directory must be a complete one-output sequence classifier; anything else that is not a
+    directory is a hub id (then the hub must be reachable) or a mistake: checked before any output is created."""
     from .checks import check_reward_model_dir
+    from .models import resolve_source
 
-    if path and Path(path).expanduser().is_dir():
-        check_reward_model_dir(Path(path).expanduser())
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        check_reward_model_dir(p)
+    elif p.exists():
+        raise UserError(f"--reward-model {path} is a file, not a model directory; pass the reward_model/ directory "
+                        "of a meta-train or train-rm run")
+    else:
+        resolve_source(path, "--reward-model")  # a missing path, or a hub id while offline: says which
 
 
 def _cmd_meta_test(args) -> int:
@@ -270,8 +280,13 @@ def _cmd_select(args) -> int:
 
 
 def _cmd_theory(args) -> int:
+    from .errors import check_writable_dir
     from .theory import main as theory_main
 
+    if Path(args.output).exists() and not Path(args.output).is_dir():  # before the computation, not after it
+        raise UserError(f"--output {args.output} exists and is not a directory; theory writes a directory "
+                        "(results.json, theory.png): choose another --output")
+    check_writable_dir(args.output)
     theory_main(args.output, quick=args.quick)
     return 0
 
@@ -326,6 +341,15 @@ def _quiet_libraries(debug: bool) -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars; ours stay
 
 
+def _rerun_advice(args) -> str:
+    """How to continue after a failed write: a meta-train run resumes from its checkpoint when it has one."""
+    if args.command != "meta-train":
+        return ""
+    from .checkpoints import resume_advice
+
+    return resume_advice(Path(args.output))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -346,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print("oodpl: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # disk full, permissions, ... while reading or writing: one line naming the path
-        line = describe_failure(e)
+        line = describe_failure(e, after=_rerun_advice(args))
         if line is None or args.debug:
             raise
         print(f"oodpl: error: {line}", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, decode_strict
 
 
 @dataclass
@@ -333,22 +333,65 @@ def _apply(obj: Any, data: dict, src: str, prefix: list[str], tree: yaml.Node | 
             setattr(obj, key, _coerce(value, hints[key], where))
 
 
+def _read_config_file(path: Path) -> bytes:
+    """The bytes of a --config file; a missing path, a directory or a FIFO / device each get their own line."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config") from None
+    except OSError as e:
+        raise UserError(f"config file {path}: {(e.strerror or str(e)).lower()}; pass a readable YAML file") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"--config {path} is a directory; pass a YAML file (for example configs/quick.yaml)")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"--config {path} is not a regular file (a FIFO, socket or device); pass a YAML file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"config file {path}: {(e.strerror or str(e)).lower()}; pass a readable YAML file") from None
+
+
+def _refuse_duplicate_keys(path: Path, node: yaml.Node | None) -> None:
+    """A key given twice in one mapping (two `meta:` sections, a setting twice) is an error naming both lines: YAML
+    loaders keep the last one silently, dropping a whole section."""
+    stack = [node]
+    while stack:  # iterative: the depth of a hostile file must not exhaust the interpreter's stack here
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    line = k.start_mark.line + 1
+                    if k.value in first:
+                        raise UserError(f"{path}:{line}: {k.value!r} is given twice in one mapping (first at line "
+                                        f"{first[k.value]}); the second would silently replace the first: merge "
+                                        "them or remove one")
+                    first[k.value] = line
+                stack.extend((k, v))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML)."""
     cfg = Config()
     sources: dict[str, str] = {}  # dotted key -> "file:line" or "--set", for the messages of validate_config
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
-        text = path.read_text(encoding="utf-8")
+        text = decode_strict(_read_config_file(path), path, fix="save the config as UTF-8")
         try:
             tree = yaml.compose(text)
+            _refuse_duplicate_keys(path, tree)
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             loc = f"{path}:{mark.line + 1}" if mark else str(path)
             raise UserError(f"{loc}: invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        except RecursionError:
+            raise UserError(f"{path}: YAML nested too deeply to read (more levels than the reader's recursion "
+                            "limit); a config is a mapping of sections of settings") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}:1: a config must be a mapping of sections (data:, policy:, meta:, ...)")
         _apply(cfg, data, str(path), [], tree, sources)
@@ -391,10 +434,13 @@ def with_overrides(cfg: Config, overrides: dict[str, Any], where: str = "overrid
 # tests/test_config.py fails for an int or float setting that has none. Forms: ">=1", ">0", "[0,1)", "(0,1]" (a
 # range; a list setting applies it to each element), "a|b|c" (one of), "any" (any finite number). Every float
 # setting must be finite whatever its rule; None passes where the type allows it.
+_SEED = "[0,4294967295]"  # numpy's seeds are 32-bit
+# list settings that need at least one value (an empty one would run nothing, or fail after the work)
+NON_EMPTY = ("meta_test.beta_test", "benchmark.methods", "benchmark.seeds")
 _DTYPES = "float32|fp32|float64|fp64|bfloat16|bf16|float16|fp16"  # the names models.DTYPES accepts
 RULES: dict[str, str] = {
     "data.support_size": ">=1", "data.query_size": ">=1", "data.adapt_prompts": ">=1", "data.eval_prompts": ">=1",
-    "data.eval_pairs": ">=1", "data.max_domains": ">=1", "data.seed": ">=0",
+    "data.eval_pairs": ">=1", "data.max_domains": ">=1", "data.seed": _SEED,
     "policy.trainable": "lora|full", "policy.lora_r": ">=1", "policy.lora_alpha": ">0",
     "policy.max_prompt_tokens": ">=1", "policy.max_new_tokens": ">=1", "policy.max_response_tokens": ">=1", "policy.temperature": ">0",
     "policy.top_k": ">=0", "policy.top_p": "(0,1]", "policy.dtype": _DTYPES,
@@ -410,12 +456,12 @@ RULES: dict[str, str] = {
     "meta_test.steps": ">=1", "meta_test.lr": ">0", "meta_test.optimizer": "adam|sgd", "meta_test.beta_test": ">0",
     "train_rm.epochs": ">=1", "train_rm.lr": ">0", "train_rm.batch_size": ">=1", "train_rm.eval_fraction": "[0,1)",
     "eval.judge": "auto|vader|embedding|llm", "eval.samples_per_prompt": ">=1", "eval.agreement_samples": ">=2",
-    "benchmark.seeds": ">=0", "benchmark.meta_test_seeds": ">=0", "benchmark.dpo_epochs": ">=1", "benchmark.dpo_lr": ">0",
+    "benchmark.seeds": _SEED, "benchmark.meta_test_seeds": ">=0", "benchmark.dpo_epochs": ">=1", "benchmark.dpo_lr": ">0",
     "select.criterion": "outer_loss|pair_accuracy", "select.folds": ">=0", "select.eval_draws": ">=1",
     "reward.input_format": "concat|pair|chat",
     "field.metarm_ascent_lr": ">=0", "field.metarm_j_weight": ">=0", "field.metarm_batch_prompts": ">=1",
     "field.grm_sft_weight": ">=0", "field.warm_members": ">=1",
-    "seed": ">=0", "report_to": "tensorboard|wandb|none",
+    "seed": _SEED, "report_to": "tensorboard|wandb|none",
 }
 
 _RANGE = re.compile(r"^([\[(])\s*([^,]+),\s*([^\])]+)([\])])$")
@@ -464,6 +510,8 @@ def validate_config(cfg: Config, sources: dict[str, str] | None = None) -> None:
         raise UserError(f"{sources.get(key, 'config')}: {key}={value!r}: {msg}")
 
     for key, value, typ in _settings(cfg):
+        if key in NON_EMPTY and value == []:
+            fail(key, value, "needs at least one value")
         rule = RULES.get(key)
         items = value if isinstance(value, list) else [value]
         for v in items:
@@ -479,6 +527,12 @@ def validate_config(cfg: Config, sources: dict[str, str] | None = None) -> None:
     if cfg.meta.hypergrad == "one-step" and cfg.meta.inner_steps != 1:
         fail("meta.hypergrad", cfg.meta.hypergrad,
              "one-step is exact only for meta.inner_steps=1; use truncated or unrolled")
+    if cfg.tracking.run_name is not None:  # a tensorboard directory under tracking.log_dir
+        from .paths import name_problem
+
+        problem = name_problem(cfg.tracking.run_name)
+        if problem:
+            fail("tracking.run_name", cfg.tracking.run_name, f"{problem}; it names a directory, use a plain name")
     if not cfg.eval.judge_encoder.strip():
         fail("eval.judge_encoder", cfg.eval.judge_encoder, "must be auto, all-mpnet-base-v2, all-minilm-l6-v2 or a dir")
 

@@ -36,30 +36,55 @@ def dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def _disk_full(text: str) -> bool:
+DISK_FULL_FREE_BYTES = 1 << 20  # less free space than this right after a failed write: the write ran out of space
+
+
+def _disk_full_text(text: str) -> bool:
     return any(k in text for k in ("No space left on device", "os error 28", "code: 28", "file write failed"))
 
 
-def describe_failure(e: BaseException) -> str | None:
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free space on the file system holding `path` (or its nearest existing parent); None when unknown."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def is_disk_full(e: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """A write that failed for lack of space: ENOSPC, a library's wrapper that says so, or (torch.save's "unexpected
+    pos ..." RuntimeError names no cause) any failed write while the file system holding `path` is all but full.
+    Call it before removing what the failed write left, or the free space measured is what the removal gave back."""
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _disk_full_text(str(e)):
+        return True
+    if path is None or not isinstance(e, (OSError, RuntimeError)):
+        return False
+    free = free_bytes(path)
+    return free is not None and free < DISK_FULL_FREE_BYTES
+
+
+def describe_failure(e: BaseException, after: str = "") -> str | None:
     """One line for a failure of the file system (an OSError, or a library's wrapper of one: torch.save reports a
-    full disk as RuntimeError, safetensors as its own error type); None for anything else (a bug: traceback)."""
+    full disk as RuntimeError, safetensors as its own error type); None for anything else (a bug: traceback).
+    `after` ends a disk-full line with the advice that fits the run's state (e.g. how to resume)."""
     text = str(e)
-    full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _disk_full(text)
+    where = e.filename if isinstance(e, OSError) and e.filename else None
+    if is_disk_full(e, where):
+        named = f"while writing {where}" if where else f"({(text.splitlines() or [''])[0][:160]})"
+        return f"no space left on device {named}; free some space and rerun{after}"
     if isinstance(e, OSError):
-        path = e.filename or "a file"
-        if full:
-            return f"no space left on device while writing {path}; free some space and rerun (add --resume to " \
-                   "continue a meta-train run: its previous checkpoint is intact)"
         reason = (e.strerror or text or type(e).__name__).lower()
-        return f"{path}: {reason}; check the path, its permissions and the disk"
-    if full:
-        return f"no space left on device ({(text.splitlines() or [''])[0][:160]}); free some space and rerun"
+        return f"{where or 'a file'}: {reason}; check the path, its permissions and the disk"
     return None
 
 
-def write_failed(path: str | os.PathLike, e: BaseException, after: str = "") -> "UserError":
-    """One line for an OSError (disk full, permission, ...) while writing `path`."""
-    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _disk_full(str(e)):
+def write_failed(path: str | os.PathLike, e: BaseException, after: str = "", full: bool | None = None) -> "UserError":
+    """One line for an OSError (disk full, permission, ...) while writing `path`; `full`: whether the disk was found
+    full (measured before the failed write's leftovers were removed; None: measure now)."""
+    if full or (full is None and is_disk_full(e, path)):
         reason = "no space left on device"
     elif isinstance(e, OSError) and e.strerror:
         reason = e.strerror.lower()
@@ -67,6 +92,41 @@ def write_failed(path: str | os.PathLike, e: BaseException, after: str = "") -> 
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
     hint = "free some space" if "space" in str(reason).lower() else "check the path and its permissions"
     return UserError(f"could not write {path} ({reason}); {hint} and rerun{after}")
+
+
+def with_filename(e: OSError, path: str | os.PathLike) -> OSError:
+    """`e` naming `path` when it names no file (a failed write() or flush() says only "No space left on device")."""
+    if e.filename is None:
+        e.filename = str(path)
+    return e
+
+
+def decode_strict(raw: bytes, path: str | os.PathLike, encoding: str = "utf-8",
+                  fix: str = "save the file as UTF-8") -> str:
+    """Strict decoding: a byte that is not valid in `encoding` is a one-line error naming its line and byte offset
+    (never a silent switch to another encoding); `fix` says how to repair it. A UTF-8 byte-order mark is dropped."""
+    try:
+        return raw.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
+    except LookupError:
+        raise UserError(f"data.encoding {encoding!r} is not a known text encoding; use utf-8 or, for example, "
+                        "latin-1 or cp1252") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: byte 0x{raw[e.start]:02x} at byte offset {e.start} is not valid {encoding} "
+                        f"({e.reason}); {fix}") from None
+
+
+def follow_umask(directory: str | os.PathLike) -> None:
+    """Give every file and directory under `directory` the mode the umask gives new ones: libraries that write
+    through temporary files (safetensors, huggingface_hub) leave 0600 behind."""
+    fmode, dmode = file_mode(), dir_mode()
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), dmode)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
 
 
 class UserError(Exception):
@@ -111,10 +171,12 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, dir_mode())
     try:
         yield tmp
+        follow_umask(tmp)
     except BaseException as e:
+        full = isinstance(e, Exception) and not isinstance(e, UserError) and is_disk_full(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and not isinstance(e, (OSError, UserError)) and describe_failure(e):
-            raise write_failed(final, e) from e  # a library's wrapped disk-full error: name the path
+        if full:
+            raise write_failed(final, e, full=True) from e  # also a library's wrapped disk-full error: name the path
         raise
     old = None
     if final.exists():
@@ -237,10 +299,15 @@ class RunClaim:
                 raise UserError(f"output directory {self.path} is in use by another oodpl process (pid {holder}); "
                                 "wait for it to finish, stop it, or choose another --output") from None
             raise
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):  # closing flushes the same buffer again
+                f.close()
+            raise with_filename(e, lock_path)
         self._lock_file = f
 
     def _unlock(self) -> None:
@@ -296,7 +363,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise with_filename(e, path)
         raise

@@ -15,27 +15,35 @@ import torch
 
 from .errors import UserError, atomic_write_text
 
+MAX_SEED = 2**32 - 1  # as the config's seeds (config.RULES)
+
 
 def generate_command(cfg, policy: str | None, prompts_path: str, output: str, num_samples: int = 1,
                      columns: dict[str, str] | None = None, domain: str | None = None,
                      max_new_tokens: int | None = None, seed: int | None = None, quiet: bool = False) -> dict:
     """Sample `num_samples` responses per prompt; returns {"output", "prompts", "responses", "policy"}."""
     from .data.records import read_prompts
-    from .models import _dtype, load_policy
+    from .models import _dtype, check_positions, load_policy
     from .sampling import encode_prompts, sample_responses
 
     if num_samples < 1:
         raise UserError(f"--num-samples {num_samples}: must be >= 1")
+    if max_new_tokens is not None and max_new_tokens < 1:  # 0 would silently mean "the recorded setting"
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be >= 1 (omit it for the policy's recorded setting)")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed}: must be in [0, {MAX_SEED}]")
     out_path = Path(output)
     if out_path.is_dir():
         raise UserError(f"--output {output} is a directory; pass a file name such as samples.jsonl")
+    if out_path.exists() and Path(prompts_path).exists() and out_path.resolve() == Path(prompts_path).resolve():
+        raise UserError(f"--output {output} is the --prompts file: it would be overwritten; choose another --output")
     records = read_prompts(prompts_path, columns or cfg.data.columns, cfg.data.encoding, domain or cfg.data.domain)
     pcfg = cfg.policy
-    if policy and Path(policy).expanduser().is_dir() and (
-            (Path(policy).expanduser() / "adapter_config.json").is_file()
-            or (Path(policy).expanduser() / "config.json").is_file()):
+    if policy and Path(policy).expanduser().is_dir():
+        from .checks import check_policy_dir
         from .export import load_saved_policy
 
+        check_policy_dir(Path(policy).expanduser())
         model, tok, meta = load_saved_policy(policy, _dtype(pcfg.dtype))
         chat = bool(meta.get("chat_template", pcfg.chat_template))
         max_prompt = int(meta.get("max_prompt_tokens", pcfg.max_prompt_tokens))
@@ -51,6 +59,8 @@ def generate_command(cfg, policy: str | None, prompts_path: str, output: str, nu
         chat, max_prompt = pcfg.chat_template, pcfg.max_prompt_tokens
         new_tokens = max_new_tokens or pcfg.max_new_tokens
         label = pcfg.name_or_path
+    check_positions(model, max_prompt + new_tokens, f"the prompt budget + --max-new-tokens = {max_prompt} + "
+                    f"{new_tokens}", "lower --max-new-tokens")
     if torch.cuda.is_available():
         model = model.to("cuda")
     prompt_ids = encode_prompts(tok, [r.prompt for r in records], max_prompt, chat)

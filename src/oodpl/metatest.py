@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .config import Config, dump_config
 from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
 from .models import Policy, RewardModel, place
+from .paths import inside
 from .policy_opt import policy_gradient
 from .runlog import seed_everything
 from .sampling import collate, encode_prompts, policy_logprobs, sample_responses
@@ -216,7 +217,7 @@ def save_aligned_policy(policy: Policy, out: Path, domain: str, beta: float, mer
     `<out>/policies/base_model`); `merge` also writes its merged/ full model."""
     from .export import save_policy
 
-    target = out / "policies" / domain / f"beta_{beta:g}"
+    target = inside(out, "policies", domain, f"beta_{beta:g}")
     return save_policy(policy, target, base_dir=out / "policies" / "base_model", merge=merge,
                        metadata={"domain": domain, "beta_test": beta, **(info or {})})
 
@@ -262,6 +263,7 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
             if d not in split.held_out:
                 raise UserError(f"--domains: {d!r} is not a held-out domain of this split; choose from "
                                 f"{', '.join(names)}")
+            inside(out, d)  # a domain names directories here: one safe name (split.json may have been edited)
         seed_everything(cfg.seed)
         rm = load_reward_checkpoint(rm_path, cfg.reward)
         policy = load_policy(cfg.policy, seed=cfg.seed)

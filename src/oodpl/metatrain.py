@@ -24,9 +24,11 @@ from .objectives import pair_accuracy
 from .config import Config, MetaConfig, dump_config, resolved_hypergrad
 from .data.split import DomainSplit, build_split
 from .distributed import make_accelerator, prepare_deepspeed, uses_deepspeed
-from .checkpoints import last_good_checkpoint, load_checkpoint, load_inner_thetas, notice, save_checkpoint
+from .checkpoints import (drop_damaged_files, last_good_checkpoint, load_checkpoint, load_inner_thetas, notice,
+                          save_checkpoint, write_manifest)
 from .errors import RunClaim, UserError, atomic_write_json, atomic_write_text, claim_run_dir
 from .models import Policy, RewardModel, load_policy, load_reward_checkpoint, load_reward_model, place
+from .paths import inside
 from .runlog import MetricsLogger, phase, seed_everything
 from .sampling import SampleBank, build_bank, draw_samples
 
@@ -51,10 +53,13 @@ def load_or_build_banks(policy: Policy, split: DomainSplit, cfg: Config, directo
 
     Each process generates the domains i with i % world == rank; everybody then reads all of them."""
     directory.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # resume reads the banks: ones that do not match bank/manifest.json are rebuilt
+        drop_damaged_files(directory, "sample bank")
+    accelerator.wait_for_everyone()
     names = sorted(split.meta_train)
     rank, world = accelerator.process_index, accelerator.num_processes
     for i, name in enumerate(names):
-        path = directory / f"{name}.pt"
+        path = inside(directory, f"{name}.pt")
         if i % world != rank or path.exists():
             continue
         prompts = [p.prompt for p in split.meta_train[name].support_prompts][: cfg.meta.bank_size or None]
@@ -62,6 +67,8 @@ def load_or_build_banks(policy: Policy, split: DomainSplit, cfg: Config, directo
                           desc=f"bank {name}")
         bank.save(path)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_manifest(directory)
     # log pi_ref moved to the policy's device; the frozen trunk (policy.trainable_layers) is kept in memory only:
     # computed once per run for every bank
     return {name: SampleBank.load(directory / f"{name}.pt").for_policy(policy) for name in names}
@@ -261,7 +268,7 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
     # theta_d of every domain drawn since the last reset (absent: theta_init); held by every process, checkpointed
     inner_thetas = load_inner_thetas(run_dir, policy.theta_init()) if warm and start > 0 else {}
     claim.commit()  # start-up done: from here on a failure keeps the run's files for --resume
-    logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start if resume else None,
+    logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start,
                            config=cfg.to_dict(), tracking=cfg.tracking, stage="meta-train")
     mode = resolved_hypergrad(cfg.meta)
     if warm and main:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import PolicyConfig, RewardConfig
 from .data.records import hub_available
+from .checks import check_model_dir
 from .errors import UserError, atomic_directory
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,28 @@ def place(obj, accelerator=None, device: str | torch.device | None = None):
         weights = next(m.parameters()).dtype
         m.oodpl_autocast = mp_dtype if mp_dtype is not None and weights == torch.float32 else None
     return obj
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a model's position embeddings cover (None: no limit recorded, e.g. rotary models
+    without max_position_embeddings). RoBERTa-style models start positions after the padding index."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            if any(t in str(getattr(config, "model_type", "")) for t in ("roberta", "camembert")):
+                value -= (getattr(config, "pad_token_id", None) or 1) + 1
+            return value
+    return None
+
+
+def check_positions(model: nn.Module, length: int, what: str, fix: str) -> None:
+    """A token budget beyond the model's positions fails deep inside its forward (IndexError): refuse it up front."""
+    limit = max_positions(model)
+    if limit is not None and length > limit:
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        raise UserError(f"{what} tokens exceed the {limit} positions of the model {name}; {fix} (to at most "
+                        f"{limit} in all)")
 
 
 def _package_file(package: str, relative: str) -> Path:
@@ -323,11 +346,16 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
             gguf_file = cfg.gguf_file or gguf_file
         if gguf_file:
             source = str(_plain_checkpoint_from_gguf(source, gguf_file, dtype))
+        if Path(source).is_dir():
+            check_model_dir(source, "policy model", causal=True)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise UserError(f"cannot load policy model {cfg.name_or_path}: {str(e).splitlines()[0]}") from None
+    check_positions(model, cfg.max_prompt_tokens + cfg.max_new_tokens,
+                    f"policy.max_prompt_tokens + policy.max_new_tokens = {cfg.max_prompt_tokens} + "
+                    f"{cfg.max_new_tokens}", "lower policy.max_new_tokens or policy.max_prompt_tokens")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -563,6 +591,8 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
         model = tiny_reward_model(tokenizer, seed, tiny[cfg.name_or_path]).to(dtype)
     else:
         source = reward_source(cfg.name_or_path)
+        if Path(source).is_dir():
+            check_model_dir(source, "reward model")
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected for a plain backbone
         try:
@@ -576,6 +606,7 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    check_positions(model, cfg.max_length, f"reward.max_length = {cfg.max_length}", "lower reward.max_length")
     model.eval()  # deterministic scores: the hypergradient assumes r_phi is a function
     stored = stored_input_format(source) if cfg.name_or_path not in tiny and Path(source).is_dir() else None
     input_format = cfg.input_format or stored or DEFAULT_INPUT_FORMAT

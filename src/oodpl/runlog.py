@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import platform
 import random
 import sys
@@ -15,7 +17,47 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, atomic_write_text, with_filename
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line whole or not at all: one write() on an O_APPEND descriptor, and a failed or short write
+    (disk full) is cut back to the previous end, so the file never ends in half a line."""
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise with_filename(e, path)
+    finally:
+        os.close(fd)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl file; a torn last line (a kill or a full disk in the middle of an append by an
+    older version, a hand edit) is skipped, any other unreadable line is an error naming it."""
+    if not Path(path).exists():
+        return []
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if all(not rest.strip() for rest in lines[i:]):  # the last line: torn
+                break
+            raise UserError(f"{path}:{i}: not a JSON object; the metrics log is damaged: remove the line") from None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 @contextlib.contextmanager
@@ -81,10 +123,9 @@ class MetricsLogger:
         unknown = set(report_to) - {"tensorboard", "wandb", "none"}
         if unknown:
             raise UserError(f"report_to: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb or none")
-        if resume_step is not None and self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in keep))
+        if resume_step is not None and self.path.exists():  # a torn last line goes too (read_metrics skips it)
+            keep = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in keep))
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -100,8 +141,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, **({"stage": self.prefix.rstrip("/")} if self.prefix else {}), **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row))
         for k, v in values.items():
             if isinstance(v, (int, float)) and v is not None:
                 if self.tb is not None:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import urlparse
 
-from ..errors import UserError, atomic_write_text
+from ..errors import UserError, atomic_write_text, decode_strict
+from ..paths import safe_name
 
 
 @dataclass
@@ -97,29 +98,48 @@ def _is_hub_id(path: str) -> bool:
 
 
 def _decode(raw: bytes, path: Path, encoding: str = "utf-8") -> str:
-    """Strict decoding: a byte that is not valid in `encoding` is a one-line error naming its line and byte offset
-    (never a silent switch to another encoding). A UTF-8 byte-order mark is dropped."""
+    return decode_strict(raw, path, encoding, fix="save the file as UTF-8, or set data.encoding to its encoding "
+                                                  "(for example latin-1)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json object_pairs_hook: a key given twice in one object is an error (the last one would silently win)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _json(text: str, where: str, fix: str, whole_file: bool = False) -> Any:
+    """json.loads with the problems of untrusted files as one line each: malformed JSON, a key given twice in one
+    object, nesting deeper than the parser's recursion limit. `whole_file`: `text` is a file, `where` its path."""
     try:
-        return raw.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
-    except LookupError:
-        raise UserError(f"data.encoding {encoding!r} is not a known text encoding; use utf-8 or, for example, "
-                        "latin-1 or cp1252") from None
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: byte 0x{raw[e.start]:02x} at byte offset {e.start} is not valid {encoding} "
-                        f"({e.reason}); save the file as UTF-8, or set data.encoding to its encoding "
-                        "(for example latin-1)") from None
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        if whole_file:
+            raise UserError(f"{where}:{e.lineno}: invalid JSON ({e.msg}); {fix}") from None
+        raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); {fix}") from None
+    except _DuplicateKey as e:
+        raise UserError(f"{where}: the key {e.key!r} appears twice in one object (the second would silently replace "
+                        "the first); keep one of them") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to read (more levels than the reader's recursion limit); "
+                        "records are flat objects of strings and numbers") from None
 
 
 def _iter_jsonl(path: Path, encoding: str = "utf-8") -> Iterator[tuple[str, dict]]:
     text = _decode(path.read_bytes(), path, encoding)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file or write one object per line") \
-                from None
+        data = _json(text, str(path), "fix the file or write one object per line", whole_file=True)
         for i, row in enumerate(data):
             where = f"{path}: item {i}"
             if not isinstance(row, dict):
@@ -132,12 +152,7 @@ def _iter_jsonl(path: Path, encoding: str = "utf-8") -> Iterator[tuple[str, dict
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
-            ) from None
+        row = _json(line, where, "each line must be one JSON object")
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
         yield where, row
@@ -156,6 +171,12 @@ def _iter_csv(path: Path, encoding: str = "utf-8") -> Iterator[tuple[str, dict]]
     except csv.Error as e:
         raise UserError(f"{path}:1: malformed CSV header ({e}); fix the file") from None
     header = [h.strip() for h in header]
+    first: dict[str, int] = {}
+    for i, h in enumerate(header, start=1):
+        if h and h in first:
+            raise UserError(f"{path}:1: columns {first[h]} and {i} of the header are both named {h!r} (the second "
+                            "would silently replace the first); rename or remove one")
+        first.setdefault(h, i)
     start = reader.line_num + 1
     records = 0
     while True:
@@ -305,9 +326,26 @@ def _text(where: str, row: dict, field: str, col: str, allow_empty: bool = False
         value = ""
     if not isinstance(value, str):
         raise UserError(f"{where}: column {col!r} ({field}) must be a string, got {type(value).__name__}")
+    _check_unicode(where, f"column {col!r} ({field})", value)
     if not allow_empty and not value.strip():
         raise UserError(f"{where}: empty {field} (column {col!r}); remove the row or fill it in")
     return value
+
+
+def _check_unicode(where: str, what: str, value: str) -> None:
+    """Text must be encodable as UTF-8: a lone surrogate (JSON's "\\ud800" escape without its pair) is not text and
+    breaks every tokenizer downstream."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: {what} holds a lone surrogate U+{ord(value[e.start]):04X} at character {e.start} "
+                        "(a \\uD800-\\uDFFF escape without its pair), which is not valid Unicode text; fix the escape "
+                        "or remove the character") from None
+
+
+def _domain(where: str, row: dict, col: str) -> str:
+    """A row's domain: a name that becomes directory and file names, so checked by paths.safe_name."""
+    return safe_name(_text(where, row, "domain", col).strip(), where=f"{where}: column {col!r}")
 
 
 def _number(where: str, row: dict, field: str, col: str | None) -> float | None:
@@ -357,12 +395,13 @@ def is_messages(value: Any) -> bool:
 def default_domain(label: str, domain: str | None) -> str:
     """The domain of a source without a domain column: `domain` (data.domain / --domain) or the file's name."""
     if domain and domain.strip():
-        return domain.strip()
+        return safe_name(domain.strip(), where="--domain / data.domain")
     name = Path(label.split(":")[0].rstrip("/")).name
     for suffix in TEXT_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
-    return name or "default"
+    return safe_name(name or "default", where=f"{label} (no domain column: the file's name is the domain; set "
+                                              "--domain / data.domain)")
 
 
 def _content(where: str, col: str, message: dict) -> str:
@@ -370,6 +409,7 @@ def _content(where: str, col: str, message: dict) -> str:
     if not isinstance(content, str):
         raise UserError(f"{where}: column {col!r}: message content must be a string, got {type(content).__name__} "
                         "(multimodal content parts are not supported)")
+    _check_unicode(where, f"column {col!r}: message content", content)
     return content
 
 
@@ -468,7 +508,7 @@ def _pairs_from_rows(label: str, rows: list[tuple[str, dict]], columns: dict[str
     for where, row in rows:
         prompt, chosen, rejected, _shape = _pair_texts(where, row, m)
         rec = PairRecord(
-            domain=fixed if fixed is not None else _text(where, row, "domain", m["domain"]).strip(),
+            domain=fixed if fixed is not None else _domain(where, row, m["domain"]),
             prompt=prompt, chosen=chosen, rejected=rejected,
             margin=_number(where, row, "margin", m.get("margin")),
             weight=_number(where, row, "weight", m.get("weight")),
@@ -522,7 +562,7 @@ def read_prompts(path: str | os.PathLike, columns: dict[str, str] | None = None,
         if "reference" in m:
             ref = _text(where, row, "reference", m["reference"], allow_empty=True) or None
         out.append(PromptRecord(
-            domain=fixed if fixed is not None else _text(where, row, "domain", m["domain"]).strip(),
+            domain=fixed if fixed is not None else _domain(where, row, m["domain"]),
             prompt=prompt, reference=ref))
     return out
 

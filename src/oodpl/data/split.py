@@ -29,6 +29,7 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import UserError, atomic_write_json
+from ..paths import safe_name
 from .records import PairRecord, PromptRecord, read_pairs, read_prompts
 
 MIN_PAIRS = 2
@@ -115,9 +116,13 @@ class DomainSplit:
     def load(cls, path: str | Path) -> "DomainSplit":
         path = Path(path)
         try:
-            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: cannot read the stored split ({e}); rebuild it or choose another run") from None
+            split = cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise UserError(f"{path}: cannot read the stored split ({type(e).__name__}: {str(e)[:120]}); rebuild it "
+                            "or choose another run") from None
+        for name in [*split.meta_train, *split.held_out]:  # names of directories: the file may have been edited
+            safe_name(name, where=str(path))
+        return split
 
 
 # ----------------------------------------------------------------------------------------------------------------------
