@@ -67,6 +67,14 @@ def variations(cfg: Config) -> list[Variation]:
                           note="the cap = the longest human response of the study domains' pairs"))
     rows.append(Variation("inner prompts = query prompts", inner_prompts="query",
                           note="the inner step samples on the query pairs' own prompts"))
+    # combinations a preset could use: beta multiplies H at the same step (it scales the outer loss), deeper adapters
+    # raise H and the gold alignment but need a smaller step to keep the inner KL moderate
+    rows.append(Variation("beta x5, top 8 layers, inner_lr/3", {"rloo.beta": cfg.rloo.beta * 5,
+                                                                "policy.trainable_layers": 8,
+                                                                "meta.inner_lr": cfg.meta.inner_lr / 3}))
+    rows.append(Variation("beta x5, all layers, inner_lr/100", {"rloo.beta": cfg.rloo.beta * 5,
+                                                                "policy.trainable_layers": None,
+                                                                "meta.inner_lr": cfg.meta.inner_lr / 100}))
     rows.append(Variation("samples+demos", {"meta.inner_candidates": "samples+demos"},
                           note="the drawn support prompts' human continuations join the step as demonstrations "
                                "(method.md, \"Demonstrations in the inner step\"; meta.demo_weight "
