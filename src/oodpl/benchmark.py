@@ -29,7 +29,6 @@ results.json follows the v2 schema of report.py (cells with metrics, n, per-unit
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, dump_config, with_overrides
+from .config import Config, dump_config
 from .data.split import DomainSplit, build_split
 from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
 from .evaluate import (agreement, dpo_pl, gold_scores, load_samples, load_shared_reference_samples, prompt_clusters,

@@ -23,7 +23,6 @@ variation is a unit (OUTPUT/rows/<name>.json) that a rerun skips.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,13 +96,11 @@ class _Study:
     """Caches shared across variations: policies by depth, banks by (domain, prompts, length), RMs by domain."""
 
     def __init__(self, cfg: Config, out: Path, domains: list[str], draws: int, pairs: int):
-        from .data.split import build_split
+        from .data.split import DomainSplit, build_split
         from .judges import judge_from_config
 
         self.cfg, self.out, self.draws, self.pairs = cfg, out, draws, pairs
         split_path = out / "split.json"
-        from .data.split import DomainSplit
-
         self.split = DomainSplit.load(split_path) if split_path.exists() else build_split(cfg.data)
         self.split.save(split_path)
         names = sorted(self.split.meta_train)
