@@ -29,7 +29,7 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import UserError, atomic_write_json
-from .records import PairRecord, PromptRecord, read_pairs, read_prompts
+from .records import PairRecord, PromptRecord, read_pairs, read_prompts, record_json_factory
 
 MIN_PAIRS = 2
 MIN_PROMPTS = 1
@@ -75,8 +75,9 @@ class DomainSplit:
         """A JSON-compatible dict (store it with `atomic_write_json` or `save`)."""
         return {
             "task": self.task,
-            "meta_train": {n: dataclasses.asdict(d) for n, d in self.meta_train.items()},
-            "held_out": {n: dataclasses.asdict(d) for n, d in self.held_out.items()},
+            "meta_train": {n: dataclasses.asdict(d, dict_factory=record_json_factory)
+                           for n, d in self.meta_train.items()},
+            "held_out": {n: dataclasses.asdict(d, dict_factory=record_json_factory) for n, d in self.held_out.items()},
         }
 
     @classmethod
