@@ -203,3 +203,79 @@ def test_prompt_only_held_out_domain_in_the_split_and_bad_prompts_file(tmp_path)
     assert main(["meta-test", "--reward-model", str(tmp_path / "rm"), "--prompts", str(bad), "-o", str(out),
                  "--set", "policy.name_or_path=tiny-random", "--set", "reward.name_or_path=tiny-random"]) == 2
     assert not out.exists()
+
+
+def test_moved_run_directory_still_loads_with_peft_and_transformers(tmp_path):
+    """A run directory moved after meta-test: every saved policy and reward model loads (oodpl's loader and plain
+    peft / transformers) and gives the same logits; adapters say task_type CAUSAL_LM."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from oodpl.export import load_saved_policy, save_policy
+
+    policy = _perturbed_policy()
+    _, rm = tiny_models("float32")
+    run = tmp_path / "runs" / "align"
+    adapter = save_policy(policy, run / "policies" / "d" / "beta_0.1", base_dir=run / "policies" / "base_model")
+    rm.save(run / "reward_model")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    batch = _batch(policy.tokenizer)
+    with torch.no_grad():
+        want = policy.logprobs(batch)
+        want_rm = rm.score(["the film was"], [" great"])
+    moved = tmp_path / "elsewhere" / "align_moved"
+    moved.parent.mkdir()
+    shutil.move(str(run), str(moved))
+    assert not Path(config["base_model_name_or_path"]).exists()  # the recorded absolute path is gone
+    loaded, _, _ = load_saved_policy(moved / "policies" / "d" / "beta_0.1")
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moved / "policies" / "base_model"),
+                                      moved / "policies" / "d" / "beta_0.1").eval()
+    rm_plain = AutoModelForSequenceClassification.from_pretrained(moved / "reward_model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(policy_logprobs(loaded, batch), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(policy_logprobs(plain, batch), want, rtol=0, atol=1e-6)
+        enc = rm.encode(["the film was"], [" great"])
+        torch.testing.assert_close(rm_plain(**enc).logits[:, 0], want_rm)
+
+
+def test_default_policy_adapter_records_the_hub_id_of_its_package_model(tmp_path):
+    """The default policy's adapter names a base that resolves on any machine (its hub id), not a cache path."""
+    import dataclasses
+
+    from oodpl.export import POLICY_META, save_policy
+    from oodpl.models import POLICY_HUB_IDS
+
+    policy = _perturbed_policy()
+    policy.config = dataclasses.replace(policy.config, name_or_path="smollm2-135m-instruct")
+    out = save_policy(policy, tmp_path / "p", base_dir=tmp_path / "base")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == POLICY_HUB_IDS["smollm2-135m-instruct"] == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config["task_type"] == "CAUSAL_LM" and not (tmp_path / "base").exists()
+    assert json.loads((out / POLICY_META).read_text())["policy"] == "smollm2-135m-instruct"
+
+
+def test_lora_dropout_dora_and_peft_config_pass_through():
+    import dataclasses
+
+    from oodpl.config import PolicyConfig
+    from oodpl.errors import UserError
+    from oodpl.models import load_policy
+
+    base = PolicyConfig(name_or_path="tiny-random", lora_r=2, lora_alpha=4)
+    cfg = dataclasses.replace(base, lora_dropout=0.1, use_dora=True, peft_config={"rank_pattern": {"c_attn": 3}})
+    policy = load_policy(cfg)
+    lcfg = policy.model.peft_config["default"]
+    assert (lcfg.lora_dropout, lcfg.use_dora, lcfg.rank_pattern, lcfg.task_type) == (0.1, True, {"c_attn": 3},
+                                                                                     "CAUSAL_LM")
+    assert any("lora_magnitude_vector" in n for n in policy.trainable_parameters())  # DoRA's magnitudes
+    batch = _batch(policy.tokenizer)
+    with torch.no_grad(), policy.reference() as ref:
+        torch.testing.assert_close(policy.logprobs(batch), policy_logprobs(ref, batch))  # pi_theta0 == pi_ref
+    with pytest.raises(UserError, match="policy.peft_config sets r"):
+        load_policy(dataclasses.replace(base, peft_config={"r": 4}))
+    with pytest.raises(UserError, match="peft.LoraConfig refuses"):
+        load_policy(dataclasses.replace(base, peft_config={"no_such_option": 1}))

