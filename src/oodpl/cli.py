@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, help="default: the policy's recorded setting")
     g.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
 
+    sc = sub.add_parser("score", help="score one (prompt, response) pair with a reward model")
+    _config_args(sc, output=False)
+    sc.add_argument("--reward-model", required=True,
+                    help="a reward-model checkpoint or a PEFT adapter of one (e.g. TRL's RewardTrainer output)")
+    sc.add_argument("--prompt", required=True,
+                    help='the prompt: text, or a conversation as JSON ([{"role": "user", "content": "..."}, ...])')
+    sc.add_argument("--response", required=True, help="the response to score")
+
     cs = sub.add_parser("config", help="show every config key with its default and meaning")
     csub = cs.add_subparsers(dest="config_command", metavar="ACTION")
     show = csub.add_parser("show", help="list the keys (of one SECTION) with defaults and one line of meaning",
@@ -211,6 +219,36 @@ def _cmd_meta_test(args) -> int:
     return 0
 
 
+def _prompt_argument(text: str) -> str:
+    """--prompt: a JSON list of messages is a conversation, anything else is the prompt's text."""
+    from .chat import Conversation
+    from .data.records import is_messages
+
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if is_messages(value):
+            return Conversation(value)
+    return text
+
+
+def _cmd_score(args) -> int:
+    from .models import load_reward_checkpoint
+
+    _check_reward_model(args.reward_model)
+    if not Path(args.reward_model).expanduser().exists():
+        raise UserError(f"--reward-model {args.reward_model} does not exist; pass a reward-model directory")
+    rm = load_reward_checkpoint(Path(args.reward_model).expanduser(), _load_cfg(args).reward)
+    import torch
+
+    with torch.no_grad():
+        reward = float(rm.score([_prompt_argument(args.prompt)], [args.response])[0])
+    print(json.dumps({"reward": reward, "input_format": rm.input_format, "reward_model": args.reward_model}))
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate_command
 
@@ -281,6 +319,7 @@ HANDLERS = {
     "meta-test": _cmd_meta_test,
     "generate": _cmd_generate,
     "config": _cmd_config,
+    "score": _cmd_score,
     "evaluate": _cmd_evaluate,
     "benchmark": _cmd_benchmark,
     "select": _cmd_select,
