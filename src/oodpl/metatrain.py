@@ -126,6 +126,10 @@ def initial_reward_model(cfg: Config, split: DomainSplit, run_dir: Path, init_re
     return load_reward_checkpoint(path, cfg.reward)
 
 
+# settings that --resume may change in a finished or stopped run: budgets, not what each step computes
+BUDGET_KEYS = ("meta.outer_steps", "meta.checkpoint_every", "meta.log_every")
+
+
 def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerator=None,
                stop_after: int | None = None, init_reward_model: str | Path | None = None) -> dict:
     """Meta-train r_phi over the split's meta-train domains; returns a summary. `stop_after` ends the process's work
@@ -135,7 +139,8 @@ def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerato
     The output directory is locked for the whole run (a second process on it exits with one line naming this one's
     pid); a start that fails (bad data, model, checkpoint, ...) removes what it created (errors.claim_run_dir)."""
     accelerator = accelerator or make_accelerator()
-    with claim_run_dir(output, "meta-train", cfg.fingerprint(), enabled=accelerator.is_main_process) as claim:
+    with claim_run_dir(output, "meta-train", cfg.fingerprint(), enabled=accelerator.is_main_process,
+                       extendable=BUDGET_KEYS, resume=resume) as claim:
         accelerator.wait_for_everyone()
         return _meta_train(cfg, Path(output), claim, resume, accelerator, stop_after, init_reward_model)
 
@@ -146,7 +151,10 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
     progress = not cfg.quiet and main
     final_dir = run_dir / "reward_model"
     if (run_dir / "summary.json").exists() and final_dir.exists():
-        return json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if not resume or summary.get("outer_steps") == cfg.meta.outer_steps:
+            return summary
+        # --resume with a larger meta.outer_steps: the finished run continues from its last checkpoint
     has_ckpt = (run_dir / "checkpoints" / "latest").exists()
     if has_ckpt and not resume:
         raise UserError(f"{run_dir} holds an unfinished meta-training run; pass --resume to continue it or choose "
@@ -186,6 +194,11 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
                             f"multiple of {world} processes; change one of them")
         rm.model, optimizer = prepare_deepspeed(accelerator, rm.model, optimizer, cfg.meta.grad_clip)
     start = load_checkpoint(run_dir, rm, optimizer, accelerator) if resume else 0
+    if start > cfg.meta.outer_steps:
+        raise UserError(f"{run_dir} has run {start} outer steps; meta.outer_steps={cfg.meta.outer_steps} cannot "
+                        f"shorten it: set meta.outer_steps >= {start} or choose another --output")
+    if resume and main:  # the settings this (possibly extended) run goes on with
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     claim.commit()  # start-up done: from here on a failure keeps the run's files for --resume
     logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start if resume else None,
                            config=cfg.to_dict(), tracking=cfg.tracking, stage="meta-train")
