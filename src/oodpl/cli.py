@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS", help="column mapping")
     v.add_argument("--kind", default="auto", choices=["auto", "pairs", "prompts"])
     v.add_argument("--encoding", default="utf-8", help="text encoding of a JSONL/CSV file (as data.encoding)")
+    v.add_argument("--domain", help="domain name for a file without a domain column (default: the file's name)")
     s = dsub.add_parser("stats", help="pairs and prompts per domain, lengths (a file or sentiment/knowledge/all)")
     s.add_argument("path")
     s.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS")
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                            parents=[common])
     show.add_argument("section", nargs="?", help="data, policy, reward, rloo, meta, meta_test, train_rm, eval, "
                                                 "benchmark, select, tracking")
+    show.add_argument("--config", "-c", help="show the effective values of this YAML config (else the defaults)")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="with --config: an override, as on the other commands")
 
     e = sub.add_parser("evaluate", help="metrics of a reward model and/or meta-test samples on held-out domains")
     _config_args(e)
@@ -165,7 +169,8 @@ def _cmd_data(args) -> int:
     from .data import commands
 
     if args.data_command == "validate":
-        return commands.cmd_validate(args.path, _parse_columns(args.column), args.kind, encoding=args.encoding)
+        return commands.cmd_validate(args.path, _parse_columns(args.column), args.kind, encoding=args.encoding,
+                                     domain=args.domain)
     if args.data_command == "stats":
         commands.cmd_stats(args.path, as_markdown=args.markdown, columns=_parse_columns(args.column),
                            encoding=args.encoding)
@@ -273,8 +278,11 @@ def _cmd_config(args) -> int:
     from .confdoc import render
 
     if args.config_command != "show":
-        raise UserError("oodpl config: choose an action: show [SECTION]")
-    print(render(args.section))
+        raise UserError("oodpl config: choose an action: show [SECTION] [--config FILE]")
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    print(render(args.section, cfg))
     return 0
 
 
@@ -327,18 +335,26 @@ HANDLERS = {
 }
 
 
-def _quiet_libraries(debug: bool) -> None:
+def _quiet_libraries(debug: bool, quiet: bool = False) -> None:
+    if quiet:  # before any import: tqdm reads TQDM_* when it is imported, the hub and datasets their flags
+        for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ[var] = "1"
     import torch
 
     if not torch.cuda.is_available():  # DeepSpeed (when installed) otherwise warns on import that it fell back to CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers.utils import logging as hf_logging
+
+    if quiet:  # every bar, --debug or not: transformers' shard bars, the hub's downloads
+        from huggingface_hub.utils import disable_progress_bars
+
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
     if debug:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars; ours stay
 
 
@@ -348,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    _quiet_libraries(args.debug)
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+    _quiet_libraries(args.debug, args.quiet)
+    from .progress import configure_cli_logging
+
+    configure_cli_logging(args.quiet)
     try:
         return int(HANDLERS[args.command](args) or 0)
     except UserError as e:

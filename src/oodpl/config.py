@@ -57,7 +57,7 @@ class PolicyConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0  # dropout on the LoRA branch (peft; active only where the policy is put in train mode)
     use_dora: bool = False  # weight-decomposed LoRA (peft's use_dora)
-    # any further peft.LoraConfig arguments, passed through (e.g. {init_lora_weights: pissa, rank_pattern: {...}});
+    # any further peft.LoraConfig arguments, passed through (e.g. {init_lora_weights: pissa, rank_pattern: {q_proj: 16}});
     # keys named above (r, lora_alpha, target_modules, lora_dropout, use_dora) are set by those settings
     peft_config: dict[str, Any] = field(default_factory=dict)
     # the names present in the model are used: q_proj/v_proj (Llama, Mistral, Qwen...), c_attn (GPT-2)

@@ -114,9 +114,12 @@ def initial_reward_model(cfg: Config, split: DomainSplit, run_dir: Path, init_re
         # every process takes part: train_reward_model is data-parallel, and its collectives would hang a call from
         # the main process alone under DDP / DeepSpeed. Its own Accelerator: accelerate ties one DeepSpeed engine
         # to an Accelerator, and the run's is meta-training's. The main process saves the result.
+        from .progress import step
+
         seed_everything(cfg.seed)
         rm = load_reward_model(cfg.reward, seed=cfg.seed)
-        train_reward_model(rm, split.pooled_pairs(), cfg.train_rm, seed=cfg.seed, progress=False)
+        with step(f"training the warm-start reward model (meta.init: bt) on {len(split.pooled_pairs())} pooled pairs"):
+            train_reward_model(rm, split.pooled_pairs(), cfg.train_rm, seed=cfg.seed, progress=False)
         if accelerator.is_main_process:
             rm.save(path)
         accelerator.wait_for_everyone()

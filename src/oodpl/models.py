@@ -330,12 +330,15 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
         arch = {TINY: "gpt2", TINY_LLAMA: "llama", RANDOM_SMOLLM2: "smollm2-135m"}[cfg.name_or_path]
         model = tiny_policy_model(tokenizer, seed, arch).to(dtype)
     else:
-        source = policy_source(cfg.name_or_path, cfg.gguf_file)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        except OSError as e:
-            raise UserError(f"cannot load policy model {cfg.name_or_path}: {str(e).splitlines()[0]}") from None
+        from .progress import step
+
+        with step(f"loading the policy {cfg.name_or_path}"):
+            source = policy_source(cfg.name_or_path, cfg.gguf_file)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            except OSError as e:
+                raise UserError(f"cannot load policy model {cfg.name_or_path}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -524,11 +527,14 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
             source, gguf = resolve_source(cfg.name_or_path, "reward model")
             if gguf:
                 raise UserError("reward models from GGUF files are not supported; pass a model directory")
+        from .progress import step
+
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected for a plain backbone
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
+            with step(f"loading the reward model {cfg.name_or_path}"):
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load reward model {cfg.name_or_path}: {str(e).splitlines()[0]}") from None
         finally:
