@@ -45,6 +45,19 @@ def _config_args(p: argparse.ArgumentParser, output: bool = True) -> None:
         p.add_argument("--output", "-o", required=True, help="run directory")
 
 
+def _push_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help=f"afterwards, upload {what} to this hub model repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+
+
+def _push(args, directories: list) -> None:
+    if getattr(args, "push_to_hub", None):
+        from .hub_push import push_outputs
+
+        for url in push_outputs(directories, args.push_to_hub, private=args.private):
+            print(f"pushed: {url}", file=sys.stderr)
+
+
 def _parse_columns(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items or []:
@@ -90,10 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(t)
     t.add_argument("--pairs", help="a pairs file to train on (default: the meta-train domains of the config's split)")
     t.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS")
+    _push_args(t, "the reward model")
 
     m = sub.add_parser("meta-train", help="meta-train the general reward model (bilevel)")
     _config_args(m)
-    m.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    m.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its last checkpoint; extends a finished or stopped run "
+                        "when only budgets differ (meta.outer_steps, meta.checkpoint_every, meta.log_every)")
+    _push_args(m, "the meta-trained reward model")
 
     mt = sub.add_parser("meta-test", help="optimise the policy on held-out domains with a frozen reward model")
     _config_args(mt)
@@ -105,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS", help="column mapping")
     mt.add_argument("--merge", action="store_true",
                     help="also write each aligned policy as a merged full model (policies/<domain>/beta_*/merged)")
+    _push_args(mt, "the aligned policies (one: at the repo's root; several: <domain>/beta_<beta>/)")
+
+    pu = sub.add_parser("push", help="upload a saved reward model or policy adapter to the Hugging Face hub")
+    pu.add_argument("directory", help="a reward_model/ or policies/<domain>/beta_<beta>/ directory")
+    pu.add_argument("repo_id", metavar="OWNER/NAME", help="the hub model repo (created when missing)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
 
     g = sub.add_parser("generate", help="sample responses from an aligned policy (adapter or model dir) or the base")
     _config_args(g, output=False)
@@ -185,6 +208,7 @@ def _cmd_train_rm(args) -> int:
 
     summary = train_rm_command(_load_cfg(args), args.output, args.pairs, _parse_columns(args.column))
     print(json.dumps(summary["accuracy"], indent=2))
+    _push(args, [summary["reward_model"]])
     return 0
 
 
@@ -193,6 +217,7 @@ def _cmd_meta_train(args) -> int:
 
     summary = meta_train(_load_cfg(args), args.output, resume=args.resume)
     print(f"reward model: {summary['reward_model']}")
+    _push(args, [summary["reward_model"]])
     return 0
 
 
@@ -216,11 +241,18 @@ def _cmd_meta_test(args) -> int:
     from .metatest import meta_test_command
 
     _check_reward_model(args.reward_model)
+    cfg = _load_cfg(args)
+    if args.push_to_hub:  # before the run: an adapter of a machine-local base could not be loaded from the hub
+        from .export import portable_base_name
 
-    index = meta_test_command(_load_cfg(args), args.reward_model, args.output, args.domains or None,
+        if portable_base_name(cfg.policy) is None:
+            raise UserError(f"--push-to-hub: policy {cfg.policy.name_or_path} exists on this machine only, so its "
+                            "adapters could not be loaded from the hub; align a hub model or an oodpl alias")
+    index = meta_test_command(cfg, args.reward_model, args.output, args.domains or None,
                               prompts=args.prompts, domain=args.domain, columns=_parse_columns(args.column),
                               merge=args.merge)
     print(json.dumps(index, indent=2))
+    _push(args, [p for by_beta in index["policies"].values() for p in by_beta.values()])
     return 0
 
 
@@ -237,6 +269,13 @@ def _prompt_argument(text: str) -> str:
         if is_messages(value):
             return Conversation(value)
     return text
+
+
+def _cmd_push(args) -> int:
+    from .hub_push import push_directory
+
+    print(push_directory(args.directory, args.repo_id, private=args.private))
+    return 0
 
 
 def _cmd_score(args) -> int:
@@ -328,6 +367,7 @@ HANDLERS = {
     "generate": _cmd_generate,
     "config": _cmd_config,
     "score": _cmd_score,
+    "push": _cmd_push,
     "evaluate": _cmd_evaluate,
     "benchmark": _cmd_benchmark,
     "select": _cmd_select,

@@ -40,7 +40,11 @@ POLICY_META = "oodpl_policy.json"
 
 
 def portable_base(policy: Policy) -> str | None:
-    """The base model's name as from_pretrained resolves it on any machine, or None when there is none (a base that
+    return portable_base_name(policy.config)
+
+
+def portable_base_name(cfg) -> str | None:
+    """The base model's name (of a PolicyConfig) as from_pretrained resolves it elsewhere, or None when there is none (a base that
     exists only in code, or a GGUF file given by path: save_policy then saves it into the run).
 
     An oodpl alias is recorded as the hub id of the model its package ships (policy_hub_id: plain peft online loads
@@ -48,10 +52,10 @@ def portable_base(policy: Policy) -> str | None:
     a hub id stays a hub id; a local model directory is recorded as its absolute path (it is the user's)."""
     from .models import POLICY_HUB_IDS, TINY, TINY_LLAMA, RANDOM_SMOLLM2
 
-    name = policy.config.name_or_path
+    name = cfg.name_or_path
     if name in POLICY_HUB_IDS:
         return POLICY_HUB_IDS[name]
-    if name in (TINY, TINY_LLAMA, RANDOM_SMOLLM2) or name.endswith(".gguf") or policy.config.gguf_file:
+    if name in (TINY, TINY_LLAMA, RANDOM_SMOLLM2) or name.endswith(".gguf") or cfg.gguf_file:
         return None
     p = Path(name).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
