@@ -107,12 +107,16 @@ def test_chat_template_setting_auto_true_false(caplog):
     assert resolve_policy_template("auto", tok, "tiny") is False
     with pytest.raises(UserError, match="policy.chat_template is true but the tokenizer of tiny has no chat template"):
         resolve_policy_template(True, tok, "tiny")
+    from oodpl import chat
+
     conv = Conversation([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}])
+    chat._said.clear()  # an earlier test may have said it already
     with caplog.at_level(logging.WARNING, logger="oodpl.chat"):
         ids = encode_prompts(tok, [conv, conv], 0, False)
+        encode_prompts(tok, ["plain text needs no warning"], 0, False)
     assert ids[0] == tok("System: s\n\nUser: q\n\nAssistant:", add_special_tokens=False)["input_ids"]
     warned = [r.getMessage() for r in caplog.records if "policy.chat_template" in r.getMessage()]
-    assert len(warned) <= 1  # once per process (an earlier test may have said it already)
+    assert len(warned) == 1  # once per process, naming the setting
 
 
 def test_reward_chat_format_on_a_tokenizer_without_template_is_the_plain_rendering(tmp_path):

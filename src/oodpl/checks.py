@@ -25,13 +25,7 @@ def check_reward_model_dir(path: str | os.PathLike) -> None:
         raise UserError(f"reward model {path} has no config.json ({found}); pass a directory written by `oodpl "
                         "meta-train` / `oodpl train-rm` (its reward_model/), another Hugging Face "
                         "sequence-classification checkpoint, or a PEFT adapter of one (adapter_config.json)")
-    try:
-        cfg = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{config}: unreadable model config ({str(e).splitlines()[0]}); the checkpoint is damaged") \
-            from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{config}: a model config must be a JSON object; the checkpoint is damaged")
+    cfg = _json_object(config, "model config", "checkpoint")
     archs = cfg.get("architectures") or []
     if not any(str(a).endswith("ForSequenceClassification") for a in archs):
         found = ", ".join(map(str, archs)) or f"no architectures (model_type {cfg.get('model_type', '?')})"
@@ -47,13 +41,7 @@ def check_reward_adapter_dir(path: Path) -> None:
     """A PEFT adapter of a reward model (TRL's `RewardTrainer(peft_config=...)` output): task_type SEQ_CLS and a base
     model that exists where it is a local path (a hub id is looked up when the model loads)."""
     config = path / "adapter_config.json"
-    try:
-        cfg = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{config}: unreadable adapter config ({str(e).splitlines()[0]}); the adapter is damaged") \
-            from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{config}: an adapter config must be a JSON object; the adapter is damaged")
+    cfg = _json_object(config, "adapter config", "adapter")
     task = cfg.get("task_type")
     if task != "SEQ_CLS":
         raise UserError(f"reward model {path} is a PEFT adapter with task_type {task}, not SEQ_CLS (a sequence "
@@ -64,3 +52,14 @@ def check_reward_adapter_dir(path: Path) -> None:
     if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
         raise UserError(f"reward model {path}: its base model {base} (adapter_config.json base_model_name_or_path) "
                         "does not exist; restore it, or edit base_model_name_or_path to where the base model lies")
+
+
+def _json_object(path: Path, what: str, whole: str) -> dict:
+    """A JSON object file of a model directory; unreadable or not an object is a UserError saying it is damaged."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable {what} ({str(e).splitlines()[0]}); the {whole} is damaged") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: a {what} must be a JSON object; the {whole} is damaged")
+    return value
