@@ -164,11 +164,16 @@ def test_checkpoint_without_metadata_scored_as_its_tokenizer_allows(tmp_path, ca
     model, tok = _tiny_seqcls()  # a tokenizer with a chat template, as a TRL conversational RM has
     model.save_pretrained(tmp_path / "with")
     tok.save_pretrained(tmp_path / "with")
+    model.save_pretrained(tmp_path / "backbone")  # a plain backbone (a fresh head): the default format, no guess
+    tok.save_pretrained(tmp_path / "backbone")
+    config = json.loads((tmp_path / "backbone" / "config.json").read_text())
+    (tmp_path / "backbone" / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2Model"]}))
     tok.chat_template = None
     model.save_pretrained(tmp_path / "without")
     tok.save_pretrained(tmp_path / "without")
     with caplog.at_level(logging.INFO, logger="oodpl.models"):
         assert load_reward_checkpoint(tmp_path / "with", RewardConfig()).input_format == "chat"
         assert load_reward_checkpoint(tmp_path / "without", RewardConfig()).input_format == "concat"
+        assert load_reward_checkpoint(tmp_path / "backbone", RewardConfig()).input_format == "concat"
     said = [r.getMessage() for r in caplog.records if REWARD_META in r.getMessage()]
     assert len(said) == 2 and "input_format chat" in said[0] and "input_format concat" in said[1]

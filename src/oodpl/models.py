@@ -547,7 +547,7 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
     checkpoint = cfg.name_or_path not in (TINY, RANDOM_MINILM, *REWARD_ALIASES)  # not a plain backbone
     stored = stored_input_format(source) if checkpoint and Path(source).is_dir() else None
     input_format = cfg.input_format or stored
-    if input_format is None and checkpoint:
+    if input_format is None and checkpoint and _trained_reward_model(source, model):
         # no oodpl metadata (e.g. trained with TRL): score it as its tokenizer allows, as TRL would have trained it
         from .chat import has_template
 
@@ -564,6 +564,13 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
 
         ensure_reward_template(tokenizer, cfg.name_or_path)
     return RewardModel(model=model, tokenizer=tokenizer, max_length=cfg.max_length, input_format=input_format)
+
+
+def _trained_reward_model(source: str, model: nn.Module) -> bool:
+    """A trained sequence classifier (or a PEFT adapter of one), not a plain backbone that gets a fresh head."""
+    if (Path(source) / "adapter_config.json").is_file():
+        return True
+    return any(str(a).endswith("ForSequenceClassification") for a in (model.config.architectures or []))
 
 
 def load_reward_checkpoint(path: str | Path, reward: RewardConfig) -> RewardModel:
