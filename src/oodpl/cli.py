@@ -252,7 +252,8 @@ def _cmd_meta_test(args) -> int:
                               prompts=args.prompts, domain=args.domain, columns=_parse_columns(args.column),
                               merge=args.merge)
     print(json.dumps(index, indent=2))
-    _push(args, [p for by_beta in index["policies"].values() for p in by_beta.values()])
+    if args.push_to_hub:
+        _push(args, [p for by_beta in index["policies"].values() for p in by_beta.values()])
     return 0
 
 
