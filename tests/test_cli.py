@@ -172,3 +172,60 @@ def test_every_lazy_import_of_the_cli_resolves():
                     importlib.import_module(f"oodpl.{node.module}.{alias.name}")
                 checked += 1
     assert checked >= 10
+
+
+def test_config_show_effective_values_and_full_meanings(capsys):
+    from oodpl.config import PolicyConfig  # noqa: F401  (the meanings come from its comments)
+
+    root = Path(__file__).parents[1]
+    assert main(["config", "show", "policy", "--config", str(root / "configs" / "quick.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "policy.trainable_layers" in out and "4 (default null)" in out
+    assert "..." not in out.replace("Qwen...", "")  # meanings in full (the Qwen... is the comment's own)
+    text = " ".join(out.split())
+    assert "are set by those settings" in text  # the end of policy.peft_config's long meaning
+    assert main(["config", "show", "meta", "--set", "meta.outer_steps=7"]) == 0
+    assert "7 (default 20)" in capsys.readouterr().out
+
+
+def test_progress_lines_for_model_loading_and_quiet(tmp_path, capsys):
+    """Loading a model says so on stderr (with its time); --quiet says nothing but errors."""
+    from oodpl.config import RewardConfig
+    from oodpl.models import load_reward_model
+
+    rm = load_reward_model(RewardConfig(name_or_path="tiny-random"))
+    rm.save(tmp_path / "rm")
+    args = ["score", "--reward-model", str(tmp_path / "rm"), "--prompt", "the film was", "--response", " great"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "oodpl: loading the reward model" in err and "done in" in err
+    assert main(["--quiet", *args]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_quiet_silences_every_library_bar_even_with_debug(tmp_path):
+    """A fresh process (tqdm reads its settings on import): --quiet --debug while transformers saves and loads
+    shards: no progress bar on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from oodpl.cli import _quiet_libraries\n"
+        "_quiet_libraries(debug=True, quiet=True)\n"
+        "import torch\n"
+        "from transformers import BertConfig, BertForSequenceClassification\n"
+        "m = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,\n"
+        "    num_attention_heads=2, intermediate_size=8))\n"
+        "m.save_pretrained(sys.argv[1])\n"
+        "BertForSequenceClassification.from_pretrained(sys.argv[1])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if "PROGRESS_BARS" not in k and not k.startswith("TQDM_")}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m")], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "it/s]" not in proc.stderr and "%|" not in proc.stderr, proc.stderr
+    loud = subprocess.run([sys.executable, "-c", script.replace("quiet=True", "quiet=False"), str(tmp_path / "n")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert "%|" in loud.stderr  # the check can fail: without --quiet (and with --debug) the bars are there

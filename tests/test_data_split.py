@@ -129,9 +129,27 @@ def test_too_small_domain_names_counts():
     with pytest.raises(UserError) as e:
         split_records("synthetic", pairs + tiny_pairs, prompts + tiny_prompts, cfg())
     msg = str(e.value)
-    assert "meta-train domain g" in msg and "query=1" in msg and "1 pairs and 1 prompts" in msg
-    with pytest.raises(UserError, match=r"held-out domain g .*oracle=0"):
+    assert "meta-train domain g" in msg and "query has 1 pair (needs >= 2)" in msg and "1 pairs and 1 prompts" in msg
+    assert "support" not in msg.split(":")[2].split(";")[0]  # only the short role is named as short
+    with pytest.raises(UserError, match=r"held-out domain g .*eval_pairs has 1 pair \(needs >= 2\)"):
         split_records("synthetic", pairs + tiny_pairs, prompts + tiny_prompts, cfg(held_out_domains=["g"]))
+
+
+def test_oracle_pairs_are_required_only_by_oracle_rm_and_the_error_says_why():
+    from oodpl.data.split import require_oracle_pairs
+
+    pairs, prompts = synthetic()
+    # domain g: every pair's chosen answer is the same text, so every oracle pair duplicates an eval pair's answer
+    g_pairs = [PairRecord("g", f"g question {i}", "the one good answer", f"bad {i}") for i in range(6)]
+    g_prompts = [PromptRecord("g", f"g question {i}") for i in range(6)]
+    s = split_records("synthetic", pairs + g_pairs, prompts + g_prompts,
+                      cfg(held_out_domains=["g"], adapt_prompts=1, eval_prompts=1, eval_pairs=2))
+    ho = s.held_out["g"]
+    assert len(ho.eval_pairs) == 2 and ho.oracle_pairs == [] and ho.oracle_dropped >= 2  # meta-train can go on
+    with pytest.raises(UserError, match=r"held-out domain g has 0 oracle pairs .*all oracle pairs duplicate eval "
+                                        r"pairs: \d+ of its \d+ oracle pairs were dropped"):
+        require_oracle_pairs(s)
+    require_oracle_pairs(split_records("synthetic", pairs, prompts, cfg()))  # enough: no error
 
 
 def test_small_domains_get_fewer():

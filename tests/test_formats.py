@@ -80,10 +80,9 @@ def test_shp_rows_load_as_pairs():
     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
       "rejected": "text"}, "chosen is a conversation but rejected is not"),
     ({"chosen": "Same start but one", "rejected": "Different entirely"}, "do not start with a shared prompt"),
-    ({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant",
-      "content": "x"}, {"role": "user", "content": "q2"}],
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}],
       "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
-     "only single-turn prompts"),
+     "the prompt ends with a system message"),
     ({"prompt": "q", "chosen": ["a", "b"], "rejected": "c"}, "must be a string or a list of"),
 ])
 def test_bad_shapes_name_row_and_expected_shape(tmp_path, row, match):
@@ -118,7 +117,8 @@ def _tiny_seqcls(seed: int = 0):
 
 
 @pytest.mark.parametrize("fixture, input_format", [("hh_rlhf_sample.jsonl", "concat"),
-                                                   ("ultrafeedback_binarized_sample.jsonl", "chat")])
+                                                   ("ultrafeedback_binarized_sample.jsonl", "chat"),
+                                                   ("multi_turn_sample.jsonl", "chat")])
 def test_trl_trained_rm_scores_identically(tmp_path, fixture, input_format):
     """A reward model trained by TRL's RewardTrainer scores each pair in oodpl exactly as TRL scores it."""
     import datasets

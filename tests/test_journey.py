@@ -131,24 +131,23 @@ def test_cli_frictions(tmp_path, capsys):
         make_judge("llm", None)
 
 
-def _usage_commands() -> list[str]:
-    """The `oodpl ...` lines of the bash blocks of docs/usage.md, in order."""
+TRL_SECTION = "## Coming from TRL"
+
+
+def _usage_commands(trl: bool = False) -> list[str]:
+    """The `oodpl ...` lines of the bash blocks of docs/usage.md, in order: the main journey, or (`trl`) its "Coming
+    from TRL" section."""
     text = (Path(__file__).parents[1] / "docs" / "usage.md").read_text()
-    blocks = text.split("```bash")[1:]
+    main_part, trl_part = text.split(TRL_SECTION, 1)
+    blocks = (trl_part.split("\n## ", 1)[0] if trl else main_part).split("```bash")[1:]
     return [line.strip() for b in blocks for line in b.split("```")[0].splitlines()
             if line.strip().startswith("oodpl ")]
 
 
-def test_usage_md_journey(tmp_path, monkeypatch):
-    """docs/usage.md, command by command, on tiny models: TRL-format pairs -> meta-train -> align on an unlabeled
-    (prompts-only, hh-rlhf-shaped) domain -> generate with the saved adapter -> evaluate."""
-    import shlex
-
+def _journey_files(tmp_path: Path, root: Path) -> None:
+    """my_pairs.jsonl (3 labelled domains), my_prompts.jsonl (hh-rlhf-shaped, no labels) and my.yaml (tiny models)."""
     import yaml
 
-    from oodpl.cli import main
-
-    root = Path(__file__).parents[1]
     rows = [{"domain": d, "prompt": f"{d} says {i}", "chosen": f"lovely kind words {i}", "rejected": f"awful {i}"}
             for d in ("alpha", "beta", "travel") for i in range(12)]
     (tmp_path / "my_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -158,11 +157,24 @@ def test_usage_md_journey(tmp_path, monkeypatch):
                    "query_size": 4, "adapt_prompts": 2, "eval_prompts": 2, "eval_pairs": 4}
     cfg["meta"].update({"query_batch": 4})
     cfg["meta_test"]["beta_test"] = [0.1]
-    cfg["eval"] = {"judge": "vader", "samples_per_prompt": 2}
+    cfg["reward"]["max_length"] = 512
+    cfg["eval"] = {"samples_per_prompt": 2}  # judge auto: a user's prompts-only domain has none
     (tmp_path / "my.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_usage_md_journey(tmp_path, monkeypatch):
+    """docs/usage.md, command by command, on tiny models: TRL-format pairs -> meta-train -> align on an unlabeled
+    (prompts-only, hh-rlhf-shaped) domain -> generate with the saved adapter -> evaluate."""
+    import shlex
+
+    from oodpl.cli import main
+
+    root = Path(__file__).parents[1]
+    _journey_files(tmp_path, root)
     monkeypatch.chdir(tmp_path)
     commands = _usage_commands()
-    assert [c.split()[1] for c in commands] == ["data", "data", "meta-train", "meta-test", "generate", "evaluate"]
+    assert [c.split()[1] for c in commands] == ["data", "data", "meta-train", "score", "meta-test", "generate",
+                                                "evaluate", "evaluate"]
     for command in commands:
         assert main(["--quiet", *shlex.split(command)[1:]]) == 0, command
     adapter = tmp_path / "runs" / "align" / "policies" / "support" / "beta_0.1"
@@ -174,6 +186,46 @@ def test_usage_md_journey(tmp_path, monkeypatch):
     metrics = [json.loads(x) for x in (tmp_path / "runs" / "align" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["stage"] == "support/beta_0.1"
     assert json.loads((adapter.parent.parent / "base_model" / "config.json").read_text())  # tiny base saved once
+    # evaluate --samples on the prompts-only domain: kl measured, what needs a gold judge skipped and named
+    ev = json.loads((tmp_path / "runs" / "eval_align" / "evaluation.json").read_text())
+    m = ev["domains"]["support"]["meta_test"]["0.1"]
+    assert isinstance(m["kl"], float) and m["gold_reward"] is None
+    assert any("gold_reward" in line and "no automatic gold judge for task 'prompts'" in line for line in ev["skipped"])
+    # the same with a judge that needs no reference answers: gold metrics measured, nothing skipped
+    assert main(["--quiet", "evaluate", "--config", "my.yaml", "--samples", "runs/align", "--output", "runs/ev_v",
+                 "--set", "eval.judge=vader"]) == 0
+    ev = json.loads((tmp_path / "runs" / "ev_v" / "evaluation.json").read_text())
+    assert ev["skipped"] == [] and isinstance(ev["domains"]["support"]["meta_test"]["0.1"]["gold_reward"], float)
+
+
+def test_usage_md_coming_from_trl(tmp_path, monkeypatch):
+    """The "Coming from TRL" section, command by command: a TRL LoRA reward model (RewardTrainer with a
+    peft_config, trained here on a tiny model) and TRL conversational multi-turn data with system messages."""
+    import shlex
+
+    from oodpl.cli import main
+    from test_trl_lora_rm import train_trl_lora_reward_model
+
+    root = Path(__file__).parents[1]
+    _journey_files(tmp_path, root)
+    rm_dir = train_trl_lora_reward_model(tmp_path / "trl_train", fixture="multi_turn_sample.jsonl")
+    rm_dir.rename(tmp_path / "trl_rm")
+    (tmp_path / "trl_pairs.jsonl").write_text((FIX / "multi_turn_sample.jsonl").read_text())
+    from oodpl.data.records import read_pairs
+
+    conv = [p.prompt for p in read_pairs(FIX / "multi_turn_sample.jsonl")]
+    assert max(len(c.messages) for c in conv) >= 5 and any(c.messages[0]["role"] == "system" for c in conv)
+    (tmp_path / "trl_prompts.jsonl").write_text("".join(json.dumps({"prompt": c.messages}) + "\n" for c in conv))
+    monkeypatch.chdir(tmp_path)
+    commands = _usage_commands(trl=True)
+    assert [c.split()[1] for c in commands] == ["data", "score", "meta-test", "generate", "evaluate"]
+    for command in commands:
+        assert main(["--quiet", *shlex.split(command)[1:]]) == 0, command
+    assert (tmp_path / "runs" / "align_trl" / "policies" / "chat" / "beta_0.1" / "adapter_config.json").is_file()
+    samples = [json.loads(x) for x in (tmp_path / "trl_samples.jsonl").read_text().splitlines()]
+    assert samples[0]["prompt"] == conv[0].messages  # conversations written back as messages
+    ev = json.loads((tmp_path / "runs" / "eval_trl" / "evaluation.json").read_text())
+    assert isinstance(ev["domains"]["chat"]["meta_test"]["0.1"]["kl"], float)
 
 
 def test_prompt_only_held_out_domain_in_the_split_and_bad_prompts_file(tmp_path):
@@ -203,3 +255,79 @@ def test_prompt_only_held_out_domain_in_the_split_and_bad_prompts_file(tmp_path)
     assert main(["meta-test", "--reward-model", str(tmp_path / "rm"), "--prompts", str(bad), "-o", str(out),
                  "--set", "policy.name_or_path=tiny-random", "--set", "reward.name_or_path=tiny-random"]) == 2
     assert not out.exists()
+
+
+def test_moved_run_directory_still_loads_with_peft_and_transformers(tmp_path):
+    """A run directory moved after meta-test: every saved policy and reward model loads (oodpl's loader and plain
+    peft / transformers) and gives the same logits; adapters say task_type CAUSAL_LM."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from oodpl.export import load_saved_policy, save_policy
+
+    policy = _perturbed_policy()
+    _, rm = tiny_models("float32")
+    run = tmp_path / "runs" / "align"
+    adapter = save_policy(policy, run / "policies" / "d" / "beta_0.1", base_dir=run / "policies" / "base_model")
+    rm.save(run / "reward_model")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    batch = _batch(policy.tokenizer)
+    with torch.no_grad():
+        want = policy.logprobs(batch)
+        want_rm = rm.score(["the film was"], [" great"])
+    moved = tmp_path / "elsewhere" / "align_moved"
+    moved.parent.mkdir()
+    shutil.move(str(run), str(moved))
+    assert not Path(config["base_model_name_or_path"]).exists()  # the recorded absolute path is gone
+    loaded, _, _ = load_saved_policy(moved / "policies" / "d" / "beta_0.1")
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moved / "policies" / "base_model"),
+                                      moved / "policies" / "d" / "beta_0.1").eval()
+    rm_plain = AutoModelForSequenceClassification.from_pretrained(moved / "reward_model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(policy_logprobs(loaded, batch), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(policy_logprobs(plain, batch), want, rtol=0, atol=1e-6)
+        enc = rm.encode(["the film was"], [" great"])
+        torch.testing.assert_close(rm_plain(**enc).logits[:, 0], want_rm)
+
+
+def test_default_policy_adapter_records_the_hub_id_of_its_package_model(tmp_path):
+    """The default policy's adapter names a base that resolves on any machine (its hub id), not a cache path."""
+    import dataclasses
+
+    from oodpl.export import POLICY_META, save_policy
+    from oodpl.models import POLICY_HUB_IDS
+
+    policy = _perturbed_policy()
+    policy.config = dataclasses.replace(policy.config, name_or_path="smollm2-135m-instruct")
+    out = save_policy(policy, tmp_path / "p", base_dir=tmp_path / "base")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == POLICY_HUB_IDS["smollm2-135m-instruct"] == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config["task_type"] == "CAUSAL_LM" and not (tmp_path / "base").exists()
+    assert json.loads((out / POLICY_META).read_text())["policy"] == "smollm2-135m-instruct"
+
+
+def test_lora_dropout_dora_and_peft_config_pass_through():
+    import dataclasses
+
+    from oodpl.config import PolicyConfig
+    from oodpl.errors import UserError
+    from oodpl.models import load_policy
+
+    base = PolicyConfig(name_or_path="tiny-random", lora_r=2, lora_alpha=4)
+    cfg = dataclasses.replace(base, lora_dropout=0.1, use_dora=True, peft_config={"rank_pattern": {"c_attn": 3}})
+    policy = load_policy(cfg)
+    lcfg = policy.model.peft_config["default"]
+    assert (lcfg.lora_dropout, lcfg.use_dora, lcfg.rank_pattern, lcfg.task_type) == (0.1, True, {"c_attn": 3},
+                                                                                     "CAUSAL_LM")
+    assert any("lora_magnitude_vector" in n for n in policy.trainable_parameters())  # DoRA's magnitudes
+    batch = _batch(policy.tokenizer)
+    with torch.no_grad(), policy.reference() as ref:
+        torch.testing.assert_close(policy.logprobs(batch), policy_logprobs(ref, batch))  # pi_theta0 == pi_ref
+    with pytest.raises(UserError, match="policy.peft_config sets r"):
+        load_policy(dataclasses.replace(base, peft_config={"r": 4}))
+    with pytest.raises(UserError, match="peft.LoraConfig refuses"):
+        load_policy(dataclasses.replace(base, peft_config={"no_such_option": 1}))

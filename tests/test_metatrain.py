@@ -281,3 +281,24 @@ def test_meta_init_sets_the_starting_reward_model(tmp_path, monkeypatch, init):
         assert all(torch.equal(start[k], fresh[k]) for k in fresh)
     final = weights(tmp_path / "run")
     assert any(not torch.equal(final[k], start[k]) for k in final)  # and meta-training moved it
+
+
+def test_resume_extends_a_finished_run_when_only_budgets_differ(tmp_path, capsys):
+    """--resume --set meta.outer_steps=4 on a finished 2-step run continues it: bit-identical to a 4-step run. Any
+    other difference is refused with a line naming the differing keys."""
+    full, extended = tmp_path / "full", tmp_path / "extended"
+    assert main(["--quiet", "meta-train", "-o", str(full), *tiny_args(tmp_path, steps=4, every=2)]) == 0
+    assert main(["--quiet", "meta-train", "-o", str(extended), *tiny_args(tmp_path, steps=2, every=2)]) == 0
+    capsys.readouterr()
+    # without --resume: refused, saying which key differs and that --resume extends
+    assert main(["--quiet", "meta-train", "-o", str(extended), *tiny_args(tmp_path, steps=4, every=2)]) == 2
+    err = capsys.readouterr().err
+    assert "meta.outer_steps: 2 there, 4 here" in err and "add --resume to extend" in err
+    assert main(["--quiet", "meta-train", "--resume", "-o", str(extended), *tiny_args(tmp_path, steps=4)]) == 0
+    assert_same_run(full, extended, 4)
+    assert json.loads((extended / "summary.json").read_text())["outer_steps"] == 4
+    # a setting that changes what the steps compute is refused, naming the key
+    assert main(["--quiet", "meta-train", "--resume", "-o", str(extended), *tiny_args(tmp_path, steps=6),
+                 "--set", "meta.outer_lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "meta.outer_lr: 0.01 there, 0.5 here" in err and "--resume" not in err.split("here")[-1]

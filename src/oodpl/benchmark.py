@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config, dump_config
-from .data.split import DomainSplit, build_split
+from .data.split import DomainSplit, build_split, require_oracle_pairs
 from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
 from .evaluate import (agreement, dpo_pl, gold_scores, load_samples, load_shared_reference_samples, prompt_clusters,
                        references_for, rm_pl, rm_sample_scores, sample_metrics, shared_reference_samples)
@@ -415,6 +415,8 @@ class Benchmark:
             self.split = DomainSplit.load(split_path) if split_path.exists() else build_split(self.cfg.data)
             if not self.split.held_out:
                 raise UserError("the split has no held-out domains; set data.held_out_domains")
+            if "oracle-rm" in self.methods:
+                require_oracle_pairs(self.split)
             self.judge = judge_from_config(self.cfg, self.split.task)
             atomic_write_text(self.dir / "config.yaml", dump_config(self.cfg))
             self.split.save(split_path)

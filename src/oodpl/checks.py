@@ -10,7 +10,7 @@ from .errors import UserError
 
 
 RM_HINT = ("pass a directory written by `oodpl meta-train` / `oodpl train-rm` (its reward_model/) or another Hugging "
-           "Face sequence-classification checkpoint")
+           "Face sequence-classification checkpoint, or a PEFT adapter of one (adapter_config.json)")
 POLICY_HINT = ("pass a policy directory written by `oodpl meta-test` / `oodpl benchmark` (policies/<domain>/beta_*), a "
                "PEFT adapter or a causal-LM model directory")
 DAMAGED = "the file is damaged or incomplete: write it again (rerun the stage that made it)"
@@ -131,6 +131,9 @@ def check_reward_model_dir(path: str | os.PathLike) -> None:
     give meaningless scores, so each is refused with a UserError that names what was found."""
     path = Path(path)
     config = path / "config.json"
+    if not config.is_file() and (path / "adapter_config.json").is_file():
+        check_reward_adapter_dir(path)
+        return
     if not config.is_file():
         raise UserError(f"reward model {path} has no config.json ({_listing(path)}); {RM_HINT}")
     cfg = read_json_object(config, "model config")
@@ -144,3 +147,21 @@ def check_reward_model_dir(path: str | os.PathLike) -> None:
         raise UserError(f"reward model {path} is a classifier with {labels} labels; a reward model has exactly one "
                         "output (num_labels 1)")
     check_model_dir(path, "reward model")
+
+
+def check_reward_adapter_dir(path: Path) -> None:
+    """A PEFT adapter of a reward model (TRL's `RewardTrainer(peft_config=...)` output): task_type SEQ_CLS and a base
+    model that exists where it is a local path (a hub id is looked up when the model loads)."""
+    config = path / "adapter_config.json"
+    cfg = read_json_object(config, "adapter config")
+    task = cfg.get("task_type")
+    if task != "SEQ_CLS":
+        raise UserError(f"reward model {path} is a PEFT adapter with task_type {task}, not SEQ_CLS (a sequence "
+                        "classifier); pass a reward model's adapter (TRL's RewardTrainer with a peft_config writes one)")
+    base = str(cfg.get("base_model_name_or_path") or "")
+    if not base:
+        raise UserError(f"{config}: no base_model_name_or_path; the adapter does not say which model it adapts")
+    if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
+        raise UserError(f"reward model {path}: its base model {base} (adapter_config.json base_model_name_or_path) "
+                        "does not exist; restore it, or edit base_model_name_or_path to where the base model lies")
+

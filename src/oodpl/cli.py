@@ -44,6 +44,19 @@ def _config_args(p: argparse.ArgumentParser, output: bool = True) -> None:
         p.add_argument("--output", "-o", required=True, help="run directory")
 
 
+def _push_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help=f"afterwards, upload {what} to this hub model repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+
+
+def _push(args, directories: list) -> None:
+    if getattr(args, "push_to_hub", None):
+        from .hub_push import push_outputs
+
+        for url in push_outputs(directories, args.push_to_hub, private=args.private):
+            print(f"pushed: {url}", file=sys.stderr)
+
+
 def _parse_columns(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items or []:
@@ -76,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS", help="column mapping")
     v.add_argument("--kind", default="auto", choices=["auto", "pairs", "prompts"])
     v.add_argument("--encoding", default="utf-8", help="text encoding of a JSONL/CSV file (as data.encoding)")
+    v.add_argument("--domain", help="domain name for a file without a domain column (default: the file's name)")
     s = dsub.add_parser("stats", help="pairs and prompts per domain, lengths (a file or sentiment/knowledge/all)")
     s.add_argument("path")
     s.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS")
@@ -91,10 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "or warm-rm; `oodpl methods` lists them")
     t.add_argument("--pairs", help="a pairs file to train on (default: the meta-train domains of the config's split)")
     t.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS")
+    _push_args(t, "the reward model")
 
     m = sub.add_parser("meta-train", help="meta-train the general reward model (bilevel)")
     _config_args(m)
-    m.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    m.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its last checkpoint; extends a finished or stopped run "
+                        "when only budgets differ (meta.outer_steps, meta.checkpoint_every, meta.log_every)")
+    _push_args(m, "the meta-trained reward model")
 
     mt = sub.add_parser("meta-test", help="optimise the policy on held-out domains with a frozen reward model")
     _config_args(mt)
@@ -106,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS", help="column mapping")
     mt.add_argument("--merge", action="store_true",
                     help="also write each aligned policy as a merged full model (policies/<domain>/beta_*/merged)")
+    _push_args(mt, "the aligned policies (one: at the repo's root; several: <domain>/beta_<beta>/)")
+
+    pu = sub.add_parser("push", help="upload a saved reward model or policy adapter to the Hugging Face hub")
+    pu.add_argument("directory", help="a reward_model/ or policies/<domain>/beta_<beta>/ directory")
+    pu.add_argument("repo_id", metavar="OWNER/NAME", help="the hub model repo (created when missing)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
 
     g = sub.add_parser("generate", help="sample responses from an aligned policy (adapter or model dir) or the base")
     _config_args(g, output=False)
@@ -119,12 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, help="default: the policy's recorded setting")
     g.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
 
+    sc = sub.add_parser("score", help="score one (prompt, response) pair with a reward model")
+    _config_args(sc, output=False)
+    sc.add_argument("--reward-model", required=True,
+                    help="a reward-model checkpoint or a PEFT adapter of one (e.g. TRL's RewardTrainer output)")
+    sc.add_argument("--prompt", required=True,
+                    help='the prompt: text, or a conversation as JSON ([{"role": "user", "content": "..."}, ...])')
+    sc.add_argument("--response", required=True, help="the response to score")
+
     cs = sub.add_parser("config", help="show every config key with its default and meaning")
     csub = cs.add_subparsers(dest="config_command", metavar="ACTION")
     show = csub.add_parser("show", help="list the keys (of one SECTION) with defaults and one line of meaning",
                            parents=[common])
     show.add_argument("section", nargs="?", help="data, policy, reward, rloo, meta, meta_test, train_rm, eval, "
                                                 "benchmark, select, tracking, field")
+    show.add_argument("--config", "-c", help="show the effective values of this YAML config (else the defaults)")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="with --config: an override, as on the other commands")
 
     e = sub.add_parser("evaluate", help="metrics of a reward model and/or meta-test samples on held-out domains")
     _config_args(e)
@@ -169,7 +204,8 @@ def _cmd_data(args) -> int:
     from .data import commands
 
     if args.data_command == "validate":
-        return commands.cmd_validate(args.path, _parse_columns(args.column), args.kind, encoding=args.encoding)
+        return commands.cmd_validate(args.path, _parse_columns(args.column), args.kind, encoding=args.encoding,
+                                     domain=args.domain)
     if args.data_command == "stats":
         commands.cmd_stats(args.path, as_markdown=args.markdown, columns=_parse_columns(args.column),
                            encoding=args.encoding)
@@ -184,6 +220,7 @@ def _cmd_train_rm(args) -> int:
 
     summary = train_rm_command(_load_cfg(args), args.output, args.pairs, _parse_columns(args.column), args.method)
     print(json.dumps(summary["accuracy"], indent=2))
+    _push(args, [summary["reward_model"]])
     return 0
 
 
@@ -192,6 +229,7 @@ def _cmd_meta_train(args) -> int:
 
     summary = meta_train(_load_cfg(args), args.output, resume=args.resume)
     print(f"reward model: {summary['reward_model']}")
+    _push(args, [summary["reward_model"]])
     return 0
 
 
@@ -217,11 +255,56 @@ def _cmd_meta_test(args) -> int:
     from .metatest import meta_test_command
 
     _check_reward_model(args.reward_model)
+    cfg = _load_cfg(args)
+    if args.push_to_hub:  # before the run: an adapter of a machine-local base could not be loaded from the hub
+        from .export import portable_base_name
 
-    index = meta_test_command(_load_cfg(args), args.reward_model, args.output, args.domains or None,
+        if portable_base_name(cfg.policy) is None:
+            raise UserError(f"--push-to-hub: policy {cfg.policy.name_or_path} exists on this machine only, so its "
+                            "adapters could not be loaded from the hub; align a hub model or an oodpl alias")
+    index = meta_test_command(cfg, args.reward_model, args.output, args.domains or None,
                               prompts=args.prompts, domain=args.domain, columns=_parse_columns(args.column),
                               merge=args.merge)
     print(json.dumps(index, indent=2))
+    if args.push_to_hub:
+        _push(args, [p for by_beta in index["policies"].values() for p in by_beta.values()])
+    return 0
+
+
+def _prompt_argument(text: str) -> str:
+    """--prompt: a JSON list of messages is a conversation, anything else is the prompt's text."""
+    from .chat import Conversation
+    from .data.records import is_messages
+
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if is_messages(value):
+            return Conversation(value)
+    return text
+
+
+def _cmd_push(args) -> int:
+    from .hub_push import push_directory
+
+    print(push_directory(args.directory, args.repo_id, private=args.private))
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from .models import load_reward_checkpoint
+
+    _check_reward_model(args.reward_model)
+    if not Path(args.reward_model).expanduser().exists():
+        raise UserError(f"--reward-model {args.reward_model} does not exist; pass a reward-model directory")
+    rm = load_reward_checkpoint(Path(args.reward_model).expanduser(), _load_cfg(args).reward)
+    import torch
+
+    with torch.no_grad():
+        reward = float(rm.score([_prompt_argument(args.prompt)], [args.response])[0])
+    print(json.dumps({"reward": reward, "input_format": rm.input_format, "reward_model": args.reward_model}))
     return 0
 
 
@@ -249,8 +332,11 @@ def _cmd_config(args) -> int:
     from .confdoc import render
 
     if args.config_command != "show":
-        raise UserError("oodpl config: choose an action: show [SECTION]")
-    print(render(args.section))
+        raise UserError("oodpl config: choose an action: show [SECTION] [--config FILE]")
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    print(render(args.section, cfg))
     return 0
 
 
@@ -317,6 +403,8 @@ HANDLERS = {
     "meta-test": _cmd_meta_test,
     "generate": _cmd_generate,
     "config": _cmd_config,
+    "score": _cmd_score,
+    "push": _cmd_push,
     "evaluate": _cmd_evaluate,
     "benchmark": _cmd_benchmark,
     "select": _cmd_select,
@@ -326,18 +414,26 @@ HANDLERS = {
 }
 
 
-def _quiet_libraries(debug: bool) -> None:
+def _quiet_libraries(debug: bool, quiet: bool = False) -> None:
+    if quiet:  # before any import: tqdm reads TQDM_* when it is imported, the hub and datasets their flags
+        for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ[var] = "1"
     import torch
 
     if not torch.cuda.is_available():  # DeepSpeed (when installed) otherwise warns on import that it fell back to CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers.utils import logging as hf_logging
+
+    if quiet:  # every bar, --debug or not: transformers' shard bars, the hub's downloads
+        from huggingface_hub.utils import disable_progress_bars
+
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
     if debug:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars; ours stay
 
 
@@ -356,9 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    _quiet_libraries(args.debug)
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+    _quiet_libraries(args.debug, args.quiet)
+    from .progress import configure_cli_logging
+
+    configure_cli_logging(args.quiet)
     try:
         return int(HANDLERS[args.command](args) or 0)
     except UserError as e:

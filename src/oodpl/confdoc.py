@@ -74,14 +74,14 @@ SECTIONS = {"eval": "Evaluation of aligned policies and reward models: judges an
             "benchmark": "The benchmark: methods compared, seeds, DPO baseline settings."}
 
 
-def _one_line(text: str, width: int = 110) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
-def settings_table(section: str | None = None) -> list[tuple[str, str, str]]:
-    """[(dotted key, default as YAML, meaning)] of every setting, or of one section."""
-    cfg = Config()
+def settings_table(section: str | None = None, cfg: Config | None = None) -> list[tuple[str, str, str]]:
+    """[(dotted key, value as YAML, full meaning)] of every setting, or of one section: the defaults, or the
+    effective values of `cfg` (a loaded config)."""
+    cfg = cfg if cfg is not None else Config()
     rows: list[tuple[str, str, str]] = []
     top = _comments(Config)
     sections = [f.name for f in dataclasses.fields(cfg)]
@@ -115,11 +115,22 @@ def _yaml(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def render(section: str | None = None) -> str:
-    rows = settings_table(section)
+def render(section: str | None = None, cfg: Config | None = None, width: int = 118) -> str:
+    """The settings table: key, value, meaning (in full, wrapped under the row). With `cfg` the values are the
+    effective ones and a setting that differs from its default says so."""
+    import textwrap
+
+    rows = settings_table(section, cfg)
+    defaults = dict((k, d) for k, d, _ in settings_table(section)) if cfg is not None else {}
+    values = [d if defaults.get(k, d) == d else f"{d} (default {defaults[k]})" for k, d, _ in rows]
     kw = max(len(k) for k, _, _ in rows)
-    dw = min(28, max(len(d) for _, d, _ in rows))
-    return "\n".join(f"{k:<{kw}}  {d:<{dw}}  {m}".rstrip() for k, d, m in rows)
+    dw = min(28, max(len(v) for v in values))
+    lines = []
+    for (k, _, m), v in zip(rows, values):
+        head = f"{k:<{kw}}  {v:<{dw}}  "
+        lead = " " * len(head) if len(head) < width // 2 else "    "
+        lines += textwrap.wrap(m, width, initial_indent=head, subsequent_indent=lead) or [head.rstrip()]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def section_docs() -> str:

@@ -55,6 +55,11 @@ class PolicyConfig:
     trainable: str = "lora"  # "lora" (zero-initialised adapters) or "full"
     lora_r: int = 8
     lora_alpha: int = 16
+    lora_dropout: float = 0.0  # dropout on the LoRA branch (peft; active only where the policy is put in train mode)
+    use_dora: bool = False  # weight-decomposed LoRA (peft's use_dora)
+    # any further peft.LoraConfig arguments, passed through (e.g. {init_lora_weights: pissa, rank_pattern: {q_proj: 16}});
+    # keys named above (r, lora_alpha, target_modules, lora_dropout, use_dora) are set by those settings
+    peft_config: dict[str, Any] = field(default_factory=dict)
     # the names present in the model are used: q_proj/v_proj (Llama, Mistral, Qwen...), c_attn (GPT-2)
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "c_attn"])
     max_prompt_tokens: int = 32
@@ -65,7 +70,9 @@ class PolicyConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    chat_template: bool = False  # wrap prompts in the tokenizer's chat template
+    # prompts (and human responses) through the tokenizer's chat template as TRL renders them: auto = when the
+    # tokenizer has one (SmolLM2-135M-Instruct does), true = required (an error without one), false = plain text
+    chat_template: bool | str = "auto"
     dtype: str = "float32"
     # adapters on the top L decoder layers only (null / 0: every layer); the frozen layers below are computed once per
     # fixed sequence and cached (oodpl.trunk)
@@ -444,7 +451,7 @@ RULES: dict[str, str] = {
     "policy.trainable": "lora|full", "policy.lora_r": ">=1", "policy.lora_alpha": ">0",
     "policy.max_prompt_tokens": ">=1", "policy.max_new_tokens": ">=1", "policy.max_response_tokens": ">=1", "policy.temperature": ">0",
     "policy.top_k": ">=0", "policy.top_p": "(0,1]", "policy.dtype": _DTYPES,
-    "policy.trainable_layers": ">=0",
+    "policy.trainable_layers": ">=0", "policy.lora_dropout": "[0,1)",
     "reward.max_length": ">=2", "reward.dtype": _DTYPES,
     "rloo.beta": ">0", "rloo.num_samples": ">=2", "rloo.batch_prompts": ">=1", "rloo.importance_clip": ">=1",
     "rloo.reward_norm": "std|none",
@@ -524,6 +531,8 @@ def validate_config(cfg: Config, sources: dict[str, str] | None = None) -> None:
                 if not ok:
                     fail(key, value, f"must be {want}" + (" (each value)" if isinstance(value, list) else ""))
 
+    if cfg.policy.chat_template not in (True, False, "auto"):
+        fail("policy.chat_template", cfg.policy.chat_template, "must be auto, true or false")
     if cfg.meta.hypergrad == "one-step" and cfg.meta.inner_steps != 1:
         fail("meta.hypergrad", cfg.meta.hypergrad,
              "one-step is exact only for meta.inner_steps=1; use truncated or unrolled")

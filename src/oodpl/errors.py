@@ -219,7 +219,26 @@ def prepare_run_dir(path: str | os.PathLike, kind: str, fingerprint: dict, resum
     return path
 
 
-def _mark_run_dir(path: Path, kind: str, fingerprint: dict) -> None:
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> leaf value of a nested mapping."""
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def fingerprint_diff(held: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two fingerprints: key -> (held, new)."""
+    a, b = _flat(held), _flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _mark_run_dir(path: Path, kind: str, fingerprint: dict, extendable: tuple[str, ...] = (),
+                  resume: bool = False) -> None:
+    """Claim `path` for this run (see prepare_run_dir). `extendable`: keys (budgets such as meta.outer_steps) that a
+    --resume may change in a run it continues; the marker then records the new values."""
     marker = path / RUN_MARKER
     entries = [p for p in path.iterdir() if not p.name.startswith(".")]
     if marker.exists():
@@ -227,12 +246,22 @@ def _mark_run_dir(path: Path, kind: str, fingerprint: dict) -> None:
             held = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError):
             raise UserError(f"{marker} is unreadable; remove the directory {path} or choose another --output") from None
-        if held.get("kind") != kind or held.get("fingerprint") != json.loads(json.dumps(fingerprint, default=str)):
-            raise UserError(
-                f"output directory {path} already holds a different {held.get('kind', 'oodpl')} run; "
-                "choose another --output or delete it"
-            )
-        return
+        new = json.loads(json.dumps(fingerprint, default=str))
+        if held.get("kind") != kind:
+            raise UserError(f"output directory {path} already holds a {held.get('kind', 'oodpl')} run, not a {kind} "
+                            "run; choose another --output or delete it")
+        diff = fingerprint_diff(held.get("fingerprint") or {}, new)
+        if not diff:
+            return
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in list(diff.items())[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        budget_only = all(k in extendable for k in diff)
+        if budget_only and resume:
+            atomic_write_json(marker, {"kind": kind, "fingerprint": fingerprint})
+            return
+        hint = ("; only budget settings differ: add --resume to extend the run" if budget_only and extendable
+                else "; choose another --output, or delete it")
+        raise UserError(f"output directory {path} already holds a different {kind} run ({shown}{more}){hint}")
     if entries:
         raise UserError(
             f"output directory {path} is not empty and holds no oodpl run; choose an empty or new --output"
@@ -246,8 +275,10 @@ LOCK_NAME = ".oodpl.lock"
 class RunClaim:
     """An output directory held by this process for one run (see `claim_run_dir`)."""
 
-    def __init__(self, path: str | os.PathLike, kind: str, fingerprint: dict, enabled: bool = True):
+    def __init__(self, path: str | os.PathLike, kind: str, fingerprint: dict, enabled: bool = True,
+                 extendable: tuple[str, ...] = (), resume: bool = False):
         self.path, self.kind, self.fingerprint, self.enabled = Path(path), kind, fingerprint, enabled
+        self.extendable, self.resume = tuple(extendable), resume
         self.committed = False
         self._lock_file = None
         self._created: list[Path] = []  # directories this claim created, deepest first
@@ -267,7 +298,7 @@ class RunClaim:
             check_writable_dir(path)
             self._before = {e.name for e in path.iterdir()}
             self._lock()
-            _mark_run_dir(path, self.kind, self.fingerprint)
+            _mark_run_dir(path, self.kind, self.fingerprint, self.extendable, self.resume)
         except BaseException:
             self._rollback()
             self._unlock()
@@ -333,7 +364,8 @@ class RunClaim:
                 d.rmdir()
 
 
-def claim_run_dir(path: str | os.PathLike, kind: str, fingerprint: dict, enabled: bool = True) -> RunClaim:
+def claim_run_dir(path: str | os.PathLike, kind: str, fingerprint: dict, enabled: bool = True,
+                  extendable: tuple[str, ...] = (), resume: bool = False) -> RunClaim:
     """Hold an output directory for one run; use as a context manager around the whole run:
 
         with claim_run_dir(out, "meta-test", fingerprint, enabled=accelerator.is_main_process) as run:
@@ -346,9 +378,11 @@ def claim_run_dir(path: str | os.PathLike, kind: str, fingerprint: dict, enabled
     fails to get (UserError naming the holder's pid), and write the run marker. If the block raises before
     `commit()`, everything the start created is removed (new entries, and the directory itself if it was created), so
     a failed start leaves the directory as it found it. The lock is released when the block ends. `enabled=False`
-    (non-main processes) does nothing.
+    (non-main processes) does nothing. A directory holding a run whose fingerprint differs only in `extendable`
+    keys is claimed when `resume` (the marker takes the new values); any other difference is refused with a line
+    naming the differing keys.
     """
-    return RunClaim(path, kind, fingerprint, enabled)
+    return RunClaim(path, kind, fingerprint, enabled, extendable, resume)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

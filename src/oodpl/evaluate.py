@@ -16,6 +16,7 @@ Also `oodpl evaluate` (evaluate_command). Nothing here imports the benchmark: it
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from .data.records import PairRecord, PromptRecord
 from .metatest import PolicySamples, draw_eval_samples, eval_seed, load_policy_samples
 from .models import RewardModel
 from .rm_train import score_pairs
+
+log = logging.getLogger(__name__)
 
 
 def references_for(task: str, prompts: list[PromptRecord]) -> dict[str, str | None] | None:
@@ -110,13 +113,14 @@ def agreement(scores: list[float], gold: list[float], prompts: list[str]) -> dic
 
 
 # -------------------------------------------------------------------------------------------- policy samples
-def sample_metrics(samples: PolicySamples, gold: list[float], ref_gold: list[float] | None = None,
+def sample_metrics(samples: PolicySamples, gold: list[float] | None, ref_gold: list[float] | None = None,
                    erm_gold: list[float] | None = None, rm_scores: list[float] | None = None) -> dict:
-    """gold_reward (mean + 95% interval over samples), kl, win rates and own-sample agreement of one samples set."""
-    ci = metrics.mean_ci95(gold)
+    """gold_reward (mean + 95% interval over samples), kl, win rates and own-sample agreement of one samples set;
+    without gold scores (no usable judge) only kl."""
+    ci = metrics.mean_ci95(gold) if gold is not None else {"mean": None}
     out = {
         "gold_reward": ci["mean"],
-        "gold_reward_ci": ci,
+        "gold_reward_ci": ci if gold is not None else None,
         "kl": metrics.sequence_kl_estimate(samples.logp, samples.ref_logp),
         "win_rate_vs_reference": None,
         "win_rate_vs_erm": None,
@@ -127,7 +131,7 @@ def sample_metrics(samples: PolicySamples, gold: list[float], ref_gold: list[flo
             if len(other) != len(gold):
                 raise ValueError(f"{key}: the two sample sets differ in number; draw both with the same m")
             out[key] = metrics.win_rate(gold, other)
-    if rm_scores is not None:
+    if rm_scores is not None and gold is not None:
         out["own_sample_agreement"] = metrics.rm_gold_agreement(rm_scores, gold, samples.prompts)
     return out
 
@@ -144,7 +148,6 @@ def evaluate_command(cfg, output: str | Path, reward_model: str | None = None, s
     here (the benchmark computes it). Writes OUTPUT/evaluation.json."""
     from .data.split import DomainSplit, build_split
     from .errors import UserError, atomic_write_json, claim_run_dir
-    from .judges import judge_from_config
     from .models import load_policy, load_reward_checkpoint
 
     if not reward_model and not samples_dir:
@@ -161,32 +164,58 @@ def evaluate_command(cfg, output: str | Path, reward_model: str | None = None, s
                  else build_split(cfg.data))
         names = sorted(split.held_out)
         rm = load_reward_checkpoint(Path(reward_model), cfg.reward) if reward_model else None
-        judge = judge_from_config(cfg, split.task) if sdir is not None else None
+        judge, no_judge = (_judge_or_reason(cfg, split.task) if sdir is not None else (None, None))
         claim.commit()
-        result: dict = {"reward_model": reward_model, "samples": samples_dir, "domains": {}}
+        result: dict = {"reward_model": reward_model, "samples": samples_dir, "domains": {}, "skipped": []}
         for d in names:
-            result["domains"][d] = {"pl_accuracy": rm_pl_accuracy(rm, split.held_out[d].eval_pairs) if rm else None}
+            pairs = split.held_out[d].eval_pairs
+            result["domains"][d] = {"pl_accuracy": rm_pl_accuracy(rm, pairs) if rm else None}
+            if rm and not pairs:
+                result["skipped"].append(f"{d}: pl_accuracy (the domain has prompts only, no labelled pairs)")
         policy = None
         for d in names if sdir is not None else []:
             files = sorted((sdir / d).glob("beta-*.json")) if (sdir / d).is_dir() else []
             if not files:
                 continue
             refs = references_for(split.task, split.held_out[d].eval_prompts)
+            usable, why = judge, no_judge
+            if judge is not None and getattr(judge, "needs_references", False) and refs is None:
+                usable, why = None, f"the {judge.name} judge needs reference answers, and these prompts have none"
+            if usable is None:
+                result["skipped"].append(f"{d}: gold_reward, win_rate_vs_reference, own_sample_agreement ({why}); "
+                                         "kl is measured")
             per_beta = {}
             ref_gold = None
             for f in files:
                 samples, record = load_samples(f)
-                if ref_gold is None:
+                if ref_gold is None and usable is not None:
                     if policy is None:
                         policy = load_policy(cfg.policy, seed=record.get("seed", cfg.seed))
                     policy.reset_to_reference()
                     prompts = list(dict.fromkeys(samples.prompts))
                     ref = draw_eval_samples(policy, prompts, record["m"],
                                             eval_seed(record.get("seed", cfg.seed), names.index(d)))
-                    ref_gold = gold_scores(judge, ref, refs)
-                g = gold_scores(judge, samples, refs)
+                    ref_gold = gold_scores(usable, ref, refs)
+                g = gold_scores(usable, samples, refs) if usable is not None else None
                 m = sample_metrics(samples, g, ref_gold, None, rm_sample_scores(rm, samples) if rm else None)
                 per_beta[f"{record['beta']:g}"] = m
             result["domains"][d]["meta_test"] = per_beta
+        for line in result["skipped"]:
+            log.info("skipped %s", line)
         atomic_write_json(out / "evaluation.json", result)
         return result
+
+
+def _judge_or_reason(cfg, task: str):
+    """(the gold judge, None), or (None, why there is none) when eval.judge is auto and the task has no automatic
+    judge (a user's prompts-only domain): the metrics that need one are skipped, the others still measured."""
+    from .errors import UserError
+    from .judges import judge_from_config
+
+    try:
+        return judge_from_config(cfg, task), None
+    except UserError:
+        if cfg.eval.judge != "auto":
+            raise
+        return None, (f"no automatic gold judge for task {task!r}; set eval.judge: vader or llm, which need no "
+                      "reference answers")

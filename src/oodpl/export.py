@@ -1,13 +1,19 @@
 """The aligned policy as a standard artefact, and back.
 
-`save_policy` writes a PEFT adapter directory (adapter_config.json + adapter_model.safetensors + the tokenizer), whose
-adapter_config.json records the base model (a hub id or an absolute local path), so that
+`save_policy` writes a PEFT adapter directory (adapter_config.json with task_type CAUSAL_LM +
+adapter_model.safetensors + the tokenizer), whose adapter_config.json records a base model that resolves elsewhere:
 
-    from peft import AutoPeftModelForCausalLM
-    model = AutoPeftModelForCausalLM.from_pretrained("<run>/policies/<domain>/beta_0.1")
+- an oodpl alias (the default SmolLM2-135M-Instruct): the hub id of the model its package's GGUF quantises
+  (`models.POLICY_HUB_IDS`), so that `AutoPeftModelForCausalLM.from_pretrained("<run>/policies/<domain>/beta_0.1")`
+  works with peft alone on any online machine (with the hub's unquantised weights), and `oodpl generate` /
+  `load_saved_policy` resolve it through the alias' package to the exact weights it was trained on;
+- a hub id: itself; a local model directory: its absolute path;
+- a base that exists only in code (the tiny test models) or as a GGUF file given by path: saved once as a plain
+  checkpoint in the run (`base_dir`, default `<run>/policies/base_model`); its absolute path is recorded, and
+  `oodpl_policy.json` adds where it lies relative to the adapter (`base_model_relative`), so that a moved or copied
+  run still loads: `load_saved_policy`, or with plain peft
+  `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("<run>/policies/base_model"), adapter_dir)`.
 
-loads it with peft alone and `model.generate` samples from it. Base models that exist only in code (the tiny test
-models) or only as a GGUF file are saved once as a plain checkpoint (`base_dir`) and that path is recorded.
 `merge=True` also writes `<directory>/merged/`, the full model with the adapters folded in (plain transformers).
 A fully fine-tuned policy (policy.trainable: full) is saved as a full model. `oodpl_policy.json` beside it records
 how prompts are rendered (chat template, prompt/response token budgets) for `oodpl generate`.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,21 +39,28 @@ log = logging.getLogger(__name__)
 POLICY_META = "oodpl_policy.json"
 
 
-def _loadable_base(policy: Policy) -> str | None:
-    """The base model's source as from_pretrained accepts it anywhere (hub id or absolute path), or None."""
-    name = ""
-    peft_cfg = getattr(policy.model, "peft_config", None)
-    if peft_cfg:
-        name = peft_cfg["default"].base_model_name_or_path or ""
-    name = name or getattr(getattr(policy.model, "config", None), "_name_or_path", "") or ""
-    if not name:
+def portable_base(policy: Policy) -> str | None:
+    return portable_base_name(policy.config)
+
+
+def portable_base_name(cfg) -> str | None:
+    """The base model's name (of a PolicyConfig) as from_pretrained resolves it elsewhere, or None when there is none (a base that
+    exists only in code, or a GGUF file given by path: save_policy then saves it into the run).
+
+    An oodpl alias is recorded as the hub id of the model its package ships (policy_hub_id: plain peft online loads
+    the original weights; oodpl's own loader resolves it through the alias' package, the exact weights trained on);
+    a hub id stays a hub id; a local model directory is recorded as its absolute path (it is the user's)."""
+    from .models import POLICY_HUB_IDS, TINY, TINY_LLAMA, RANDOM_SMOLLM2
+
+    name = cfg.name_or_path
+    if name in POLICY_HUB_IDS:
+        return POLICY_HUB_IDS[name]
+    if name in (TINY, TINY_LLAMA, RANDOM_SMOLLM2) or name.endswith(".gguf") or cfg.gguf_file:
         return None
     p = Path(name).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
         return str(p.resolve())
-    if p.exists() or name.startswith((".", "/", "~")):
-        return None  # a GGUF file or a path that is gone: save the base as a plain checkpoint
-    return name  # a hub id
+    return None if p.exists() else name  # a hub id
 
 
 def save_base_model(policy: Policy, directory: str | Path) -> Path:
@@ -100,7 +114,7 @@ def save_policy(policy: Policy, directory: str | Path, base_dir: str | Path | No
                             "top_p": cfg.top_p, "policy": cfg.name_or_path, **(metadata or {})}
     adapter = hasattr(policy.model, "peft_config")
     meta["adapter"] = adapter
-    base = _loadable_base(policy) if adapter else None
+    base = portable_base(policy) if adapter else None
     if adapter and base is None and base_dir is not None:
         base = str(save_base_model(policy, base_dir))
     peft_cfg = policy.model.peft_config["default"] if adapter else None
@@ -110,6 +124,8 @@ def save_policy(policy: Policy, directory: str | Path, base_dir: str | Path | No
             if base is None:  # inside the adapter directory, at its final path
                 save_base_model(policy, tmp / "base_model")
                 base = str(directory.resolve() / "base_model")
+            if Path(base).is_absolute():  # saved in the run: where it lies relative to the adapter, for moved runs
+                meta["base_model_relative"] = os.path.relpath(base, directory.resolve())
             meta["base_model"] = base
             peft_cfg.base_model_name_or_path = base
             try:
@@ -146,11 +162,18 @@ def load_saved_policy(path: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path).expanduser()
+    meta = policy_metadata(path)
     try:
         if (path / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
+            base = _resolved_base(path, meta)
+            if base is None:
+                from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+                model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            else:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), str(path))
         elif (path / "config.json").is_file():
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         else:
@@ -162,4 +185,18 @@ def load_saved_policy(path: str | Path, dtype: torch.dtype = torch.float32):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.eval(), tokenizer, policy_metadata(path)
+    return model.eval(), tokenizer, meta
+
+
+def _resolved_base(adapter: Path, meta: dict[str, Any]) -> str | None:
+    """Where oodpl finds an adapter's base model, or None to let peft read adapter_config.json: an oodpl alias through
+    its model package (the exact weights it was trained on); a base saved in the run where it now lies relative to
+    the adapter (a moved or copied run directory)."""
+    from .models import POLICY_HUB_IDS, policy_source
+
+    if meta.get("policy") in POLICY_HUB_IDS:
+        return policy_source(meta["policy"])
+    relative = meta.get("base_model_relative")
+    if relative and (adapter / relative / "config.json").is_file():
+        return str((adapter / relative).resolve())
+    return None

@@ -22,6 +22,7 @@ def generate_command(cfg, policy: str | None, prompts_path: str, output: str, nu
                      columns: dict[str, str] | None = None, domain: str | None = None,
                      max_new_tokens: int | None = None, seed: int | None = None, quiet: bool = False) -> dict:
     """Sample `num_samples` responses per prompt; returns {"output", "prompts", "responses", "policy"}."""
+    from .chat import to_json as chat_json
     from .data.records import read_prompts
     from .models import _dtype, check_positions, load_policy
     from .sampling import encode_prompts, sample_responses
@@ -45,7 +46,10 @@ def generate_command(cfg, policy: str | None, prompts_path: str, output: str, nu
 
         check_policy_dir(Path(policy).expanduser())
         model, tok, meta = load_saved_policy(policy, _dtype(pcfg.dtype))
-        chat = bool(meta.get("chat_template", pcfg.chat_template))
+        from .chat import resolve_policy_template
+
+        chat = bool(meta["chat_template"]) if "chat_template" in meta else resolve_policy_template(
+            pcfg.chat_template, tok, str(policy))
         max_prompt = int(meta.get("max_prompt_tokens", pcfg.max_prompt_tokens))
         new_tokens = max_new_tokens or int(meta.get("max_new_tokens", pcfg.max_new_tokens))
         label = str(policy)
@@ -56,7 +60,7 @@ def generate_command(cfg, policy: str | None, prompts_path: str, output: str, nu
             pcfg = dataclasses.replace(pcfg, name_or_path=policy)
         loaded = load_policy(pcfg, seed=cfg.seed)
         model, tok = loaded.model, loaded.tokenizer
-        chat, max_prompt = pcfg.chat_template, pcfg.max_prompt_tokens
+        chat, max_prompt = loaded.config.chat_template, pcfg.max_prompt_tokens  # resolved by load_policy
         new_tokens = max_new_tokens or pcfg.max_new_tokens
         label = pcfg.name_or_path
     check_positions(model, max_prompt + new_tokens, f"the prompt budget + --max-new-tokens = {max_prompt} + "
@@ -72,7 +76,8 @@ def generate_command(cfg, policy: str | None, prompts_path: str, output: str, nu
     for rec, responses in zip(records, samples):
         for k, ids in enumerate(responses):
             text = tok.decode(ids, skip_special_tokens=True)
-            lines.append(json.dumps({"domain": rec.domain, "prompt": rec.prompt, "response": text, "sample": k},
+            lines.append(json.dumps({"domain": rec.domain, "prompt": chat_json(rec.prompt), "response": text,
+                                     "sample": k},
                                     ensure_ascii=False))
     atomic_write_text(out_path, "\n".join(lines) + "\n")
     return {"output": str(out_path), "prompts": len(records), "responses": len(lines), "policy": label}

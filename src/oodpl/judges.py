@@ -329,7 +329,7 @@ def _load_encoder(model_dir: Path):
 
 
 class EmbeddingJudge:
-    """Cosine similarity of response and reference sentence embeddings. Needs references.
+    """Cosine similarity of response and reference sentence embeddings. Needs references (`needs_references`).
 
     `encoder`: auto (all-mpnet-base-v2, or all-minilm-l6-v2 when the RM's backbone is mpnet), a name of ENCODERS or
     a local model directory. Embeddings use the encoder's own pooling (its 1_Pooling config: CLS or mean over the
@@ -338,6 +338,8 @@ class EmbeddingJudge:
     """
 
     name = "embedding"
+
+    needs_references = True  # oodpl evaluate skips its metrics on prompts without reference answers
 
     def __init__(self, encoder: str | os.PathLike | None = "auto", batch_size: int = 32,
                  rm_backbone: str | None = None):

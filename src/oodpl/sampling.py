@@ -38,34 +38,23 @@ class SequenceBatch:
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, chat_template: bool = False) -> list[list[int]]:
-    """Prompt token ids (chat template optional); long prompts keep their last `max_tokens` tokens."""
+    """Prompt token ids (strings or chat.Conversation; through the chat template when `chat_template`, as TRL renders
+    them: oodpl.chat); long prompts keep their last `max_tokens` tokens, as TRL cuts prompts."""
+    from .chat import prompt_ids
+
     out = []
     for p in prompts:
-        if chat_template and getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-            if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-                ids = [tokenizer.bos_token_id] + ids
-        out.append(list(ids)[-max_tokens:] if max_tokens else list(ids))
+        ids = prompt_ids(tokenizer, p, chat_template)
+        out.append(ids[-max_tokens:] if max_tokens else ids)
     return out
 
 
 def encode_responses(tokenizer, prompts: list[str], responses: list[str], max_tokens: int,
                      chat_template: bool = False) -> list[list[int]]:
-    """Response token ids for human-written responses; a separating space is added where the text needs one."""
-    out = []
-    for p, r in zip(prompts, responses):
-        if not chat_template and p and r and not p[-1].isspace() and not r[0].isspace():
-            r = " " + r
-        ids = tokenizer(r, add_special_tokens=False)["input_ids"]
-        if chat_template and tokenizer.eos_token_id is not None:
-            ids = ids + [tokenizer.eos_token_id]
-        out.append(list(ids)[:max_tokens])
-    return out
+    """Token ids of human-written responses (oodpl.chat.response_ids), cut to `max_tokens`."""
+    from .chat import response_ids
+
+    return [response_ids(tokenizer, p, r, chat_template)[:max_tokens] for p, r in zip(prompts, responses)]
 
 
 def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> SequenceBatch:

@@ -24,26 +24,35 @@ STAT_COLUMNS = [
 ]
 
 
-def cmd_validate(path: str, columns: dict[str, str] | None = None, kind: str = "auto", encoding: str = "utf-8") -> int:
-    """Check a pairs or prompts file (kind: auto, pairs, prompts); print counts per domain; return 0.
+def cmd_validate(path: str, columns: dict[str, str] | None = None, kind: str = "auto", encoding: str = "utf-8",
+                 domain: str | None = None) -> int:
+    """Check a pairs or prompts file (kind: auto, pairs, prompts); print counts per domain; return 0. `domain` names
+    the one domain of a file without a domain column (as --domain of meta-test / generate).
 
     Raises UserError (naming file and line) on the first problem.
     """
+    from ..chat import Conversation
+
     if kind not in ("auto", "pairs", "prompts"):
         raise UserError(f"kind must be auto, pairs or prompts, got {kind!r}")
     if kind == "auto":
         kind = "pairs" if looks_like_pairs(path, columns, encoding) else "prompts"
     counts: dict[str, int] = {}
     if kind == "pairs":
-        records: list = read_pairs(path, columns, encoding)
+        records: list = read_pairs(path, columns, encoding, domain)
     else:
-        records = read_prompts(path, columns, encoding)
+        records = read_prompts(path, columns, encoding, domain)
     for r in records:
         counts[r.domain] = counts.get(r.domain, 0) + 1
     print(f"{path}: {len(records)} valid {kind} in {len(counts)} domains")
     width = max(len(d) for d in counts)
     for d in sorted(counts):
         print(f"  {d:<{width}}  {counts[d]}")
+    conversations = [r.prompt for r in records if isinstance(r.prompt, Conversation)]
+    if conversations:
+        turns = max(len(c.messages) for c in conversations)
+        print(f"  conversational: {len(conversations)} prompts are conversations (up to {turns} messages); they are "
+              "rendered with the models' chat templates (policy.chat_template, reward.input_format: chat)")
     if kind == "pairs" and len(counts) < 2:
         print("  note: meta-learning needs at least two domains (one meta-train, one held-out)")
     return 0

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import urlparse
 
+from ..chat import from_json as chat_from_json
+from ..chat import to_json as chat_to_json
 from ..errors import UserError, atomic_write_text, decode_strict
 from ..paths import safe_name
 
@@ -28,18 +30,24 @@ from ..paths import safe_name
 @dataclass
 class PairRecord:
     domain: str
-    prompt: str
+    prompt: str  # a string or a chat.Conversation (a str carrying its messages); JSON: a list of messages
     chosen: str
     rejected: str
     margin: float | None = None
     weight: float | None = None
 
+    def __post_init__(self):
+        self.prompt = chat_from_json(self.prompt)
+
 
 @dataclass
 class PromptRecord:
     domain: str
-    prompt: str
+    prompt: str  # as PairRecord.prompt
     reference: str | None = None
+
+    def __post_init__(self):
+        self.prompt = chat_from_json(self.prompt)
 
 
 PAIR_FIELDS = ("domain", "prompt", "chosen", "rejected", "margin", "weight")
@@ -375,9 +383,9 @@ def _number(where: str, row: dict, field: str, col: str | None) -> float | None:
 # implicit prompt: chosen and rejected are full texts that start with the same prompt (e.g. Anthropic/hh-rlhf); the
 #                  shared prefix is the prompt, cut as trl.data_utils.extract_prompt cuts it
 # conversational:  prompt / chosen / rejected are lists of {"role", "content"} messages, or chosen / rejected are whole
-#                  conversations whose shared turns are the prompt (e.g. trl-lib/ultrafeedback_binarized); prompts keep
-#                  their text and are rendered with a chat template downstream (policy.chat_template,
-#                  reward.input_format: chat)
+#                  conversations whose shared turns are the prompt (e.g. trl-lib/ultrafeedback_binarized); prompts of
+#                  any number of turns (system messages included) become chat.Conversation, rendered with the
+#                  models' chat templates downstream (policy.chat_template, reward.input_format: chat)
 # SHP:             stanfordnlp/SHP rows (history, human_ref_A, human_ref_B, labels), read as hub.load_shp reads them
 # A file without a domain column is one domain: `domain` (data.domain) or the file's name.
 
@@ -413,13 +421,21 @@ def _content(where: str, col: str, message: dict) -> str:
     return content
 
 
-def _prompt_from_messages(where: str, col: str, messages: list) -> str:
-    """The prompt of a single-turn conversation: its one user message (the chat template is applied downstream)."""
+def _prompt_from_messages(where: str, col: str, messages: list) -> "Conversation":
+    """A prompt conversation (system, user, assistant, tool turns; it must not be empty), kept as messages: the
+    policy's and the reward model's chat templates render it downstream (oodpl.chat)."""
+    from ..chat import ROLES, Conversation
+
     roles = [str(m.get("role")) for m in messages]
-    if roles != ["user"]:
-        raise UserError(f"{where}: column {col!r}: the prompt is a conversation with roles {', '.join(roles) or '(none)'}"
-                        "; only single-turn prompts (one user message) are supported")
-    return _content(where, col, messages[0])
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise UserError(f"{where}: column {col!r}: unknown message role {bad[0]!r}; roles are {', '.join(ROLES)}")
+    if roles and roles[-1] == "system":
+        raise UserError(f"{where}: column {col!r}: the prompt ends with a system message; a prompt ends with a user "
+                        "(or assistant, to be continued) message")
+    for m in messages:
+        _content(where, col, m)
+    return Conversation(messages)
 
 
 def _completion_from_messages(where: str, col: str, messages: list) -> str:
@@ -533,7 +549,7 @@ def read_pairs(path: str | os.PathLike, columns: dict[str, str] | None = None, e
 
 def read_prompts(path: str | os.PathLike, columns: dict[str, str] | None = None, encoding: str = "utf-8",
                  domain: str | None = None, hub: dict | None = None) -> list[PromptRecord]:
-    """Read prompts (domain, prompt[, reference]): a prompt column of strings or single-turn conversations, or a
+    """Read prompts (domain, prompt[, reference]): a prompt column of strings or conversations, or a
     pairs source of any shape (its distinct prompts); other arguments as for `read_pairs`."""
     label, rows = iter_rows(path, encoding, hub)
     if not rows:
@@ -554,8 +570,8 @@ def read_prompts(path: str | os.PathLike, columns: dict[str, str] | None = None,
         if is_messages(value):
             prompt = _prompt_from_messages(where, m["prompt"], value)
         elif isinstance(value, (list, dict)):
-            raise UserError(f"{where}: column {m['prompt']!r} (prompt) must be a string or a single-turn "
-                            f"conversation (a list of {{\"role\", \"content\"}} messages), got a {type(value).__name__}")
+            raise UserError(f"{where}: column {m['prompt']!r} (prompt) must be a string or a conversation (a list "
+                            f"of {{\"role\", \"content\"}} messages), got a {type(value).__name__}")
         else:
             prompt = _text(where, row, "prompt", m["prompt"])
         ref = None
@@ -579,7 +595,13 @@ def looks_like_pairs(path: str | os.PathLike, columns: dict[str, str] | None = N
 
 
 def record_to_dict(rec: PairRecord | PromptRecord) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(rec).items() if v is not None}
+    """A record as JSON (None fields left out; a conversational prompt as its messages)."""
+    return {k: v for k, v in dataclasses.asdict(rec, dict_factory=record_json_factory).items() if v is not None}
+
+
+def record_json_factory(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """dataclasses.asdict's dict_factory that writes a conversational prompt as its messages."""
+    return {k: chat_to_json(v) if k == "prompt" else v for k, v in items}
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[PairRecord | PromptRecord]) -> None:

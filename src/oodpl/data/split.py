@@ -12,7 +12,9 @@ Keys are shuffled with `random.Random(f"{seed}:{domain}")` and dealt one at a ti
 full relative to its target (ties: the order above; oracle counts as target `eval_pairs` until the capped roles are
 full, then takes the rest). A key is eligible for a prompt role when the domain's prompt pool has it, and for a pair
 role when it has pairs. Afterwards oracle pairs whose chosen text is the chosen text of an eval pair or an eval
-prompt's reference are dropped, so the oracle baseline never learns that an evaluation answer is good. (A rejected
+prompt's reference are dropped, so the oracle baseline never learns that an evaluation answer is good; only the
+methods that train on oracle pairs (oracle-rm) require them (`require_oracle_pairs`), and its error says why a
+domain has too few. (A rejected
 text may recur across roles: in the knowledge task negatives are replies to other prompts of the same category.)
 """
 
@@ -30,7 +32,7 @@ from typing import Any
 from ..config import DataConfig
 from ..errors import UserError, atomic_write_json
 from ..paths import safe_name
-from .records import PairRecord, PromptRecord, read_pairs, read_prompts
+from .records import PairRecord, PromptRecord, read_pairs, read_prompts, record_json_factory
 
 MIN_PAIRS = 2
 MIN_PROMPTS = 1
@@ -50,6 +52,8 @@ class HeldOutDomain:
     eval_prompts: list[PromptRecord] = field(default_factory=list)
     eval_pairs: list[PairRecord] = field(default_factory=list)
     oracle_pairs: list[PairRecord] = field(default_factory=list)
+    # oracle pairs dropped because their chosen text is an evaluation answer (see the module docstring)
+    oracle_dropped: int = 0
 
 
 @dataclass
@@ -76,8 +80,9 @@ class DomainSplit:
         """A JSON-compatible dict (store it with `atomic_write_json` or `save`)."""
         return {
             "task": self.task,
-            "meta_train": {n: dataclasses.asdict(d) for n, d in self.meta_train.items()},
-            "held_out": {n: dataclasses.asdict(d) for n, d in self.held_out.items()},
+            "meta_train": {n: dataclasses.asdict(d, dict_factory=record_json_factory)
+                           for n, d in self.meta_train.items()},
+            "held_out": {n: dataclasses.asdict(d, dict_factory=record_json_factory) for n, d in self.held_out.items()},
         }
 
     @classmethod
@@ -101,6 +106,7 @@ class DomainSplit:
                     eval_prompts=[PromptRecord(**p) for p in d["eval_prompts"]],
                     eval_pairs=[PairRecord(**p) for p in d["eval_pairs"]],
                     oracle_pairs=[PairRecord(**p) for p in d["oracle_pairs"]],
+                    oracle_dropped=int(d.get("oracle_dropped", 0)),
                 )
                 for n, d in obj["held_out"].items()
             }
@@ -233,23 +239,51 @@ def _deal(domain: str, seed: int, pairs: list[PairRecord], prompts: list[PromptR
     return out
 
 
-def _check_role_counts(domain: str, kind: str, counts: dict[str, int], available: tuple[int, int]) -> None:
-    short = [r for r, n in counts.items() if n < (MIN_PROMPTS if _ROLE_KIND[r] == "prompt" else MIN_PAIRS)]
+def _check_role_counts(domain: str, kind: str, counts: dict[str, int], available: tuple[int, int],
+                       distinct: int) -> None:
+    """Every role of a domain needs MIN_PROMPTS prompts / MIN_PAIRS pairs; the error names the short roles and why."""
+    need = {r: MIN_PROMPTS if _ROLE_KIND[r] == "prompt" else MIN_PAIRS for r in counts}
+    short = [r for r, n in counts.items() if n < need[r]]
     if short:
-        got = ", ".join(f"{r}={n}" for r, n in counts.items())
+        got = ", ".join(f"{r} has {counts[r]} {_ROLE_KIND[r]}{'s' if counts[r] != 1 else ''} (needs >= {need[r]})"
+                        for r in short)
         raise UserError(
-            f"data: {kind} domain {domain} has too little data after the split ({got}; the domain has "
-            f"{available[0]} pairs and {available[1]} prompts, distinct prompts can serve only one role); every "
-            f"prompt role needs >= {MIN_PROMPTS} prompt and every pair role >= {MIN_PAIRS} pairs: add data or "
-            f"choose another {'held-out' if kind == 'held-out' else 'meta-train'} domain"
+            f"data: {kind} domain {domain} has too little data after the split: {got}; the domain has "
+            f"{available[0]} pairs and {available[1]} prompts with {distinct} distinct prompt texts, and each distinct "
+            f"prompt serves one role only ({', '.join(counts)}); add data, lower the sizes (data.support_size, "
+            "data.query_size, data.adapt_prompts, data.eval_prompts, data.eval_pairs) or choose another "
+            f"{'held-out' if kind == 'held-out' else 'meta-train'} domain"
         )
+
+
+def require_oracle_pairs(split: "DomainSplit") -> None:
+    """The oracle-rm baseline trains on each held-out domain's oracle pairs: refuse a split where a domain has too
+    few, saying why (only the methods that use oracle pairs call this)."""
+    for name, ho in sorted(split.held_out.items()):
+        if not ho.eval_pairs and not ho.oracle_pairs:
+            raise UserError(f"data: held-out domain {name} has prompts only (no labelled pairs), but oracle-rm trains "
+                            "on its pairs; remove oracle-rm from benchmark.methods or add pairs for the domain")
+        if len(ho.oracle_pairs) < MIN_PAIRS:
+            why = (f"{ho.oracle_dropped} of its {ho.oracle_dropped + len(ho.oracle_pairs)} oracle pairs were dropped "
+                   "because their chosen text is the chosen text of an eval pair or an eval prompt's reference (the "
+                   "oracle must not learn that an evaluation answer is good)" if ho.oracle_dropped
+                   else "the eval roles took the domain's other prompts")
+            if ho.oracle_dropped and not ho.oracle_pairs:
+                why = "all oracle pairs duplicate eval pairs: " + why
+            raise UserError(f"data: held-out domain {name} has {len(ho.oracle_pairs)} oracle pairs (oracle-rm needs "
+                            f">= {MIN_PAIRS}): {why}; add pairs with other answers, lower data.eval_pairs, or remove "
+                            "oracle-rm from benchmark.methods")
+
+
+def _distinct(pairs: list[PairRecord], prompts: list[PromptRecord]) -> int:
+    return len({_key(p.prompt) for p in pairs} | {_key(x.prompt) for x in prompts})
 
 
 def _meta_train_domain(name: str, dp: list[PairRecord], dx: list[PromptRecord], cfg: DataConfig) -> MetaTrainDomain:
     """One domain's support prompts and query pairs (dealt by `_deal`; too little data is a UserError)."""
     out = _deal(name, cfg.seed, dp, dx, {"support": cfg.support_size, "query": cfg.query_size}, {})
     _check_role_counts(name, "meta-train", {"support": len(out["support"]), "query": len(out["query"])},
-                       (len(dp), len(dx)))
+                       (len(dp), len(dx)), _distinct(dp, dx))
     return MetaTrainDomain(name=name, support_prompts=out["support"], query_pairs=out["query"])
 
 
@@ -324,13 +358,15 @@ def split_records(task: str, pairs: list[PairRecord], prompts: list[PromptRecord
         good = {_key(p.chosen) for p in out["eval_pairs"]}
         good |= {_key(x.reference) for x in out["eval_prompts"] if x.reference}
         oracle = [p for p in out["oracle"] if _key(p.chosen) not in good]
+        # oracle pairs are checked by the methods that train on them (require_oracle_pairs), not here
         counts = {"adapt_prompts": len(out["adapt_prompts"]), "eval_prompts": len(out["eval_prompts"])}
         if dp:
-            counts.update({"eval_pairs": len(out["eval_pairs"]), "oracle": len(oracle)})
-        _check_role_counts(name, "held-out", counts, (len(dp), len(dx)))
+            counts["eval_pairs"] = len(out["eval_pairs"])
+        _check_role_counts(name, "held-out", counts, (len(dp), len(dx)), _distinct(dp, dx))
         split.held_out[name] = HeldOutDomain(name=name, adapt_prompts=out["adapt_prompts"],
                                              eval_prompts=out["eval_prompts"],
-                                             eval_pairs=out["eval_pairs"], oracle_pairs=oracle)
+                                             eval_pairs=out["eval_pairs"], oracle_pairs=oracle,
+                                             oracle_dropped=len(out["oracle"]) - len(oracle))
     return split
 
 
