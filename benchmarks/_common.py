@@ -159,13 +159,13 @@ def default_config():
 
 def policy_checkpoint_dir() -> str:
     """The plain Hugging Face checkpoint of the default policy (converted once from the packaged GGUF)."""
-    from oodpl.models import POLICY_ALIASES, _package_file, _plain_checkpoint_from_gguf
+    from oodpl.models import POLICY_ALIASES, package_file, plain_checkpoint_from_gguf
 
     pkg, fname = POLICY_ALIASES["smollm2-135m-instruct"]
-    gguf = _package_file(pkg, fname)
+    gguf = package_file(pkg, fname)
     import torch
 
-    return str(_plain_checkpoint_from_gguf(str(gguf.parent), gguf.name, torch.float32))
+    return str(plain_checkpoint_from_gguf(str(gguf.parent), gguf.name, torch.float32))
 
 
 def reward_checkpoint_dir() -> str:

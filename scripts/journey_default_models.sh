@@ -78,10 +78,10 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 from oodpl.chat import PLAIN_CHAT_TEMPLATE
-from oodpl.models import REWARD_ALIASES, _package_file
+from oodpl.models import REWARD_ALIASES, package_file
 
 work = Path(sys.argv[1])
-base = str(_package_file(*REWARD_ALIASES["all-minilm-l6-v2"]))  # all-MiniLM-L6-v2, no hub needed
+base = str(package_file(*REWARD_ALIASES["all-minilm-l6-v2"]))  # all-MiniLM-L6-v2, no hub needed
 tok = AutoTokenizer.from_pretrained(base)
 tok.chat_template = PLAIN_CHAT_TEMPLATE  # MiniLM has no template; TRL needs one for conversations
 trainer = RewardTrainer(

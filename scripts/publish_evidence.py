@@ -26,20 +26,24 @@ def section(md: str, title: str) -> str:
     return m.group(1).strip()
 
 
-def readme_block(md: str, name: str, intro: str) -> str:
+def readme_block(md: str, name: str, intro: str, endpoints: str = "primary") -> str:
     summary = section(md, "Summary per method").split("\n\n")
     summary = "\n\n".join(summary[:2])  # the table and its one-line legend; the metric glossary stays in the report
     verdicts = section(md, "Verdicts")
-    primary = verdicts.split("**Primary endpoints**", 1)[-1].split("**Secondary endpoints**", 1)[0].strip()
-    lines = [f"<!-- evidence:{name} -->", intro, "", "```", summary, "", primary, "```", f"<!-- /evidence:{name} -->"]
+    primary, _, secondary = verdicts.split("**Primary endpoints**", 1)[-1].partition("**Secondary endpoints**")
+    chosen = (primary if endpoints == "primary" else secondary).strip()
+    lines = [f"<!-- evidence:{name} -->", intro, "", "```", summary, "", chosen, "```", f"<!-- /evidence:{name} -->"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a finished benchmark directory (with report.md)")
-    ap.add_argument("--name", required=True, help="sentiment or knowledge: docs/results/evidence_NAME.md")
+    ap.add_argument("--name", required=True,
+                    help="sentiment, sentiment_policy or knowledge: docs/results/evidence_NAME.md")
     ap.add_argument("--intro", default="", help="the README line above the table (what was run)")
+    ap.add_argument("--endpoints", choices=["primary", "secondary"], default="primary",
+                    help="whose verdicts the README block copies (secondary: the policy-level endpoints)")
     args = ap.parse_args(argv)
     run = Path(args.run)
     report = run / "report.md"
@@ -70,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     intro = args.intro or (f"[docs/results/evidence_{args.name}.md](docs/results/evidence_{args.name}.md), "
-                           "summary and primary verdicts:")
-    text = pattern.sub(lambda _: readme_block(md, args.name, intro), text)
+                           f"summary and {args.endpoints} verdicts:")
+    text = pattern.sub(lambda _: readme_block(md, args.name, intro, args.endpoints), text)
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(readme)

@@ -181,6 +181,9 @@ def test_benchmark_end_to_end_resume_and_refusal(tmp_path, capsys, spies):
     assert len(diag["grad_ratio"]) == 2 and set(diag["reward_spread_ref"]) == set(DOMAINS)
     assert {"before", "after"} <= set(diag["reward_spread_ref"][DOMAINS[0]])
     assert {"meta-rm", "erm-rm-extra"} <= set(res["meta_curves"]["seed-0"])
+    for m in ("meta-rm", "erm-rm-extra"):  # both begin at the seed's erm-rm and train away from it
+        moved = res["diagnostics"]["seed-0"][m]["distance_from_warm_start"]
+        assert moved["l2"] > 0 and 0 < moved["relative"] < 1 and moved["tensors"] > 0
     # the left-out diagnostic: meta-train-pool domains no method trained on (neither meta-train nor held out), each
     # RM's inner step scored there; before the step the policy is pi_ref, so the outer loss is log 2 exactly
     split = json.loads((out / "split.json").read_text())
@@ -265,8 +268,9 @@ def test_benchmark_upper_bounds_and_ablations(tmp_path, spies):
     out = tmp_path / "bench"
     assert main(["--quiet", "benchmark", "--config", CONFIG, "--output", str(out), "--set", "benchmark.seeds=[3]",
                  "--set", f"benchmark.methods=[{', '.join(OTHERS)}]", "--set", "meta_test.beta_test=[0.2]",
-                 "--set", "meta.outer_steps=1"]) == 0
+                 "--set", "meta.outer_steps=1", "--set", "benchmark.diagnostics=false"]) == 0
     res = json.loads((out / "results.json").read_text())
+    assert not (out / "seed-3" / "left-out").exists() and not res["left_out"] and not res["fit"]  # diagnostics off
     assert res["methods"] == ["erm-rm", *OTHERS]  # erm-rm inserted: the warm start of the ablations
     check_cells(out, res, res["methods"], [3], [0.2])
     # erm-rm, oracle-rm (one per domain), gold-reward (the judge) and 4 ablations, per domain
@@ -338,3 +342,18 @@ def test_method_config_takes_each_methods_choice_and_erm_extra_falls_back_to_met
     both = {**only_meta, "erm-rm-extra": {"meta.outer_lr": 1.0e-4}}
     assert seed_config(cfg, 2, "erm-rm-extra", both).meta.outer_lr == 1.0e-4
     assert seed_config(cfg, 2, "erm-rm-extra", both).seed == 2
+
+
+def test_warm_start_distance_is_the_l2_distance_of_the_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    import torch
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    save_file({"w": torch.tensor([3.0, 0.0]), "h": torch.tensor([[4.0]])}, str(a / "model.safetensors"))
+    save_file({"w": torch.tensor([3.0, 1.0]), "h": torch.tensor([[2.0]])}, str(b / "model.safetensors"))
+    d = bm.warm_start_distance(a, b)  # ||(0, 1, -2)|| = sqrt 5; ||phi_0|| = ||(3, 0, 4)|| = 5
+    assert d["l2"] == pytest.approx(math.sqrt(5)) and d["relative"] == pytest.approx(math.sqrt(5) / 5)
+    assert d["tensors"] == 2
+    assert bm.warm_start_distance(a, tmp_path / "missing") is None

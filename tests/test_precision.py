@@ -9,7 +9,7 @@ import torch
 from conftest import PROMPTS
 from oodpl.config import PolicyConfig, RewardConfig, load_config
 from oodpl.errors import UserError
-from oodpl.models import _dtype, load_policy, load_reward_model, place
+from oodpl.models import load_policy, load_reward_model, parse_dtype, place
 from oodpl.objectives import kl_k1
 from oodpl.policy_opt import policy_gradient
 from oodpl.sampling import collate, encode_prompts, encode_responses, policy_logprobs
@@ -36,13 +36,13 @@ def _batch(policy):
 @pytest.mark.parametrize("short,long", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"),
                                         ("fp64", "float64")])
 def test_dtype_names(short, long):
-    assert _dtype(short) == _dtype(long) == getattr(torch, long)
+    assert parse_dtype(short) == parse_dtype(long) == getattr(torch, long)
     cfg = load_config(None, [f"policy.dtype={short}", f"reward.dtype={long}"])
     assert cfg.policy.dtype == short
     with pytest.raises(UserError, match="policy.dtype"):
         load_config(None, ["policy.dtype=fp8"])
     with pytest.raises(UserError, match="unknown dtype"):
-        _dtype("half-ish")
+        parse_dtype("half-ish")
 
 
 def test_bf16_logprobs_close_to_fp32_and_in_float32():

@@ -30,6 +30,7 @@ results.json follows the v2 schema of report.py (cells with metrics, n, per-unit
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -158,7 +159,7 @@ class Benchmark:
                 for d in domains if registry.get(m).per_domain else [None]:
                     units.append((s, f"train/{m}" + (f"/{d}" if d else ""),
                                   lambda s=s, m=m, d=d, pol=pol: self.train(s, m, pol, d)))
-            if any(registry.get(m).bilevel for m in self.methods):
+            if self.cfg.benchmark.diagnostics and any(registry.get(m).bilevel for m in self.methods):
                 units.append((s, "diagnose/left-out", lambda s=s, pol=pol: self.left_out(s, pol)))
                 units.append((s, "diagnose/fit", lambda s=s, pol=pol: self.fit(s, pol)))
             erm = [registry.ERM] if registry.ERM in self.methods else []  # win_rate_vs_erm needs its samples
@@ -544,6 +545,12 @@ class Benchmark:
         out: dict = {}
         for s in self.seeds:
             for m in self.methods:
+                start = registry.get(m).warm_start  # phi_0
+                if start in self.methods and registry.get(m).output == registry.REWARD_MODEL:
+                    # did training move the RM away from its warm start? (a method that ends at phi_0 is phi_0)
+                    dist = warm_start_distance(self.rm_dir(s, start), self.rm_dir(s, m))
+                    if dist is not None:
+                        out.setdefault(f"seed-{s}", {}).setdefault(m, {})["distance_from_warm_start"] = dist
                 if not registry.get(m).bilevel:
                     continue
                 rows = _read_jsonl(self.sdir(s) / m / "metrics.jsonl")
@@ -558,7 +565,7 @@ class Benchmark:
                     spread[d] = {"before": cell.get(start, {}).get("reward_spread_ref"),
                                  "after": cell[m].get("reward_spread_ref")}
                 entry["reward_spread_ref"] = spread
-                out.setdefault(f"seed-{s}", {})[m] = entry
+                out.setdefault(f"seed-{s}", {}).setdefault(m, {}).update(entry)
         sel = self.load_selection()
         if sel:
             out["left_out_meta_train_domains"] = sel.get("lodo_outer_loss", {})
@@ -599,6 +606,22 @@ class Benchmark:
             by_method[method] = by_method.get(method, 0.0) + sec
         return {"units": unit_times, "by_stage": by_stage, "by_method": by_method,
                 "total_unit_seconds": sum(unit_times.values()), "wall_seconds_this_run": wall}
+
+
+def warm_start_distance(start_dir: Path | None, trained_dir: Path | None) -> dict | None:
+    """||phi - phi_0|| over the reward model's weights (every tensor of its safetensors file), and the same relative
+    to ||phi_0||: how far training moved an RM from the checkpoint it was warm-started from. None when either
+    checkpoint is missing."""
+    from safetensors.torch import load_file
+
+    files = [d / "model.safetensors" if d is not None else None for d in (start_dir, trained_dir)]
+    if any(f is None or not f.is_file() for f in files):
+        return None
+    a, b = (load_file(str(f)) for f in files)
+    shared = [k for k in a if k in b and a[k].shape == b[k].shape]
+    diff = math.sqrt(sum(float((b[k].double() - a[k].double()).pow(2).sum()) for k in shared))
+    norm = math.sqrt(sum(float(a[k].double().pow(2).sum()) for k in shared))
+    return {"l2": diff, "relative": diff / norm if norm else None, "tensors": len(shared)}
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -178,6 +178,9 @@ class BenchmarkConfig:
     # the meta-test and the generation metrics (secondary endpoints) run for the first N seeds only (null: all; 0:
     # none); the primary endpoints (pl_accuracy, rm_gold_agreement) need no meta-test and are measured for every seed
     meta_test_seeds: int | None = None
+    # the left-out (leverage) and fit diagnostics of the bilevel methods; off in a preset that only adds endpoints to
+    # another one with the same split and RMs (configs/evidence_policy.yaml)
+    diagnostics: bool = True
     dpo_epochs: int = 1
     dpo_lr: float = 5e-4
 

@@ -24,7 +24,7 @@ def generate_command(cfg, policy: str | None, prompts_path: str, output: str, nu
     """Sample `num_samples` responses per prompt; returns {"output", "prompts", "responses", "policy"}."""
     from .chat import to_json as chat_json
     from .data.records import read_prompts
-    from .models import _dtype, check_positions, load_policy
+    from .models import check_positions, load_policy, parse_dtype
     from .sampling import encode_prompts, sample_responses
 
     if num_samples < 1:
@@ -45,7 +45,7 @@ def generate_command(cfg, policy: str | None, prompts_path: str, output: str, nu
         from .export import load_saved_policy
 
         check_policy_dir(Path(policy).expanduser())
-        model, tok, meta = load_saved_policy(policy, _dtype(pcfg.dtype))
+        model, tok, meta = load_saved_policy(policy, parse_dtype(pcfg.dtype))
         from .chat import resolve_policy_template
 
         chat = bool(meta["chat_template"]) if "chat_template" in meta else resolve_policy_template(

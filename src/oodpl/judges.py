@@ -200,9 +200,9 @@ def encoder_dir(encoder: str | os.PathLike) -> Path:
     if alias == MPNET:
         return _mpnet_dir()
     if alias == MINILM:
-        from .models import REWARD_ALIASES, _package_file
+        from .models import REWARD_ALIASES, package_file
 
-        return _package_file(*REWARD_ALIASES[MINILM])
+        return package_file(*REWARD_ALIASES[MINILM])
     path = Path(encoder).expanduser()
     if path.is_dir():
         return path
@@ -218,11 +218,11 @@ def _alias(name: str) -> str | None:
 
 def _backbone_dir(rm_backbone: str) -> Path | None:
     """The local directory of the reward model's backbone, where there is one (aliases of installed packages)."""
-    from .models import REWARD_ALIASES, _package_file
+    from .models import REWARD_ALIASES, package_file
 
     if rm_backbone in REWARD_ALIASES:
         try:
-            return _package_file(*REWARD_ALIASES[rm_backbone])
+            return package_file(*REWARD_ALIASES[rm_backbone])
         except UserError:
             return None
     path = Path(rm_backbone).expanduser()

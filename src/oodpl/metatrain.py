@@ -185,8 +185,9 @@ def initial_reward_model(cfg: Config, split: DomainSplit, run_dir: Path, init_re
         # every process takes part: train_reward_model is data-parallel, and its collectives would hang a call from
         # the main process alone under DDP / DeepSpeed. Its own Accelerator: accelerate ties one DeepSpeed engine
         # to an Accelerator, and the run's is meta-training's. The main process saves the result.
-        with progress_step(f"training the warm-start reward model (meta.init: bt) on {len(split.pooled_pairs())} pooled pairs"):
-            rm, _ = fit_reward_model(cfg, split.pooled_pairs(), seed=cfg.seed)
+        pooled = split.pooled_pairs()
+        with progress_step(f"training the warm-start reward model (meta.init: bt) on {len(pooled)} pooled pairs"):
+            rm, _ = fit_reward_model(cfg, pooled, seed=cfg.seed)
         if accelerator.is_main_process:
             rm.save(path)
         accelerator.wait_for_everyone()

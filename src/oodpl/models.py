@@ -47,7 +47,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def _dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
@@ -110,7 +110,7 @@ def check_positions(model: nn.Module, length: int, what: str, fix: str) -> None:
                         f"{limit} in all)")
 
 
-def _package_file(package: str, relative: str) -> Path:
+def package_file(package: str, relative: str) -> Path:
     """A file shipped inside an installed package, found without importing the package (its imports are heavy)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -224,7 +224,7 @@ def tiny_reward_model(tokenizer, seed: int = 0, arch: str = "tiny") -> nn.Module
 # Policy
 
 
-def _plain_checkpoint_from_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> Path:
+def plain_checkpoint_from_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> Path:
     """GGUF-loaded models cannot `save_pretrained`; rebuild a plain model from the state dict once and cache it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -254,13 +254,13 @@ def policy_source(name: str, gguf_file: str | None = None) -> str:
     a hub id or a local directory. GGUF models (the aliases' packages) are converted once into the cache."""
     if name in POLICY_ALIASES:
         pkg, fname = POLICY_ALIASES[name]
-        gguf = _package_file(pkg, fname)
+        gguf = package_file(pkg, fname)
         source, found = str(gguf.parent), gguf.name
     else:
         source, found = resolve_source(name, "policy model")
         found = gguf_file or found
     if found:
-        source = str(_plain_checkpoint_from_gguf(source, found, torch.float32))
+        source = str(plain_checkpoint_from_gguf(source, found, torch.float32))
     return source
 
 
@@ -379,7 +379,7 @@ def lora_config(cfg: PolicyConfig, targets: list[str], layers: list[int] | None 
 def load_policy(cfg: PolicyConfig, seed: int = 0) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = _dtype(cfg.dtype)
+    dtype = parse_dtype(cfg.dtype)
     if cfg.name_or_path in (TINY, TINY_LLAMA, RANDOM_SMOLLM2):
         tokenizer = tiny_tokenizer()
         arch = {TINY: "gpt2", TINY_LLAMA: "llama", RANDOM_SMOLLM2: "smollm2-135m"}[cfg.name_or_path]
@@ -584,12 +584,12 @@ def reward_source(name: str) -> str:
     """The directory (or hub id) a reward model loads from. A decoder backbone may be the policy's own: its alias or
     a GGUF file is converted once to a plain checkpoint (as for the policy) and a scalar head put on it."""
     if name in REWARD_ALIASES:
-        return str(_package_file(*REWARD_ALIASES[name]))
+        return str(package_file(*REWARD_ALIASES[name]))
     if name in POLICY_ALIASES:
-        gguf = _package_file(*POLICY_ALIASES[name])
-        return str(_plain_checkpoint_from_gguf(str(gguf.parent), gguf.name, torch.float32))
+        gguf = package_file(*POLICY_ALIASES[name])
+        return str(plain_checkpoint_from_gguf(str(gguf.parent), gguf.name, torch.float32))
     source, gguf = resolve_source(name, "reward model")
-    return str(_plain_checkpoint_from_gguf(source, gguf, torch.float32)) if gguf else source
+    return str(plain_checkpoint_from_gguf(source, gguf, torch.float32)) if gguf else source
 
 
 def _decoder_only(model_type: str | None) -> bool:
@@ -627,7 +627,7 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    dtype = _dtype(cfg.dtype)
+    dtype = parse_dtype(cfg.dtype)
     torch.manual_seed(seed)  # the scalar head is freshly initialised on a plain backbone
     tiny = {TINY: "tiny", RANDOM_MINILM: "minilm-l6", TINY_LLAMA: "llama"}
     if cfg.name_or_path in tiny:

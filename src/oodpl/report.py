@@ -56,6 +56,8 @@ METRIC_MEANING = {
 }
 
 DIAGNOSTIC_MEANING = {
+    "distance_from_warm_start": "||phi - phi_0|| over the RM's weights from the warm start it began at (l2), and "
+                                "relative to ||phi_0|| (a method that barely moves from phi_0 cannot differ from it)",
     "grad_ratio": "||hypergradient|| / ||lambda_bt * grad BT|| per logged outer step (near 1: both terms count)",
     "reward_spread_ref": "spread of the RM's rewards on pi_ref samples, before / after meta-training",
     "inner_step_length": "length of the inner policy step per logged outer step",
