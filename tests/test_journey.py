@@ -157,7 +157,7 @@ def _journey_files(tmp_path: Path, root: Path) -> None:
                    "query_size": 4, "adapt_prompts": 2, "eval_prompts": 2, "eval_pairs": 4}
     cfg["meta"].update({"query_batch": 4})
     cfg["meta_test"]["beta_test"] = [0.1]
-    cfg["reward"]["max_length"] = 512
+    cfg["reward"]["max_length"] = 256  # the tiny reward model's positions; the hh-rlhf-shaped prompts are long
     cfg["eval"] = {"samples_per_prompt": 2}  # judge auto: a user's prompts-only domain has none
     (tmp_path / "my.yaml").write_text(yaml.safe_dump(cfg))
 

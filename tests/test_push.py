@@ -81,10 +81,11 @@ def test_push_refuses_adapters_of_machine_local_bases_before_any_work(tmp_path, 
     assert "a model on this machine only" in capsys.readouterr().err and FakeHub.calls == []
     assert main(["--quiet", "push", str(tmp_path), "me/x"]) == 2  # not a model directory
     assert "not a model directory" in capsys.readouterr().err
-    rm_dir = tmp_path / "rm"
-    rm_dir.mkdir()
-    (rm_dir / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
-                                                    "num_labels": 1}))
+    from oodpl.config import RewardConfig
+    from oodpl.models import load_reward_model
+
+    rm_dir = tmp_path / "rm"  # a complete reward model: the refusal is the push's, not the input checks'
+    load_reward_model(RewardConfig(name_or_path="tiny-random")).save(rm_dir)
     out = tmp_path / "align"
     assert main(["--quiet", "meta-test", "--reward-model", str(rm_dir), "--prompts", str(tmp_path / "none.jsonl"),
                  "-o", str(out), "--set", "policy.name_or_path=tiny-random", "--push-to-hub", "me/p"]) == 2

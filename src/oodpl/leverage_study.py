@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,8 @@ class _Study:
             self._demos.clear()
             self._policies[key] = place(load_policy(c.policy, seed=c.seed), None)
         policy = self._policies[key]
-        policy.config = c.policy
+        # keep the template setting load_policy resolved ("auto" -> a bool): the encoders read a bool
+        policy.config = replace(c.policy, chat_template=policy.config.chat_template)
         return policy
 
     def rm(self, d: str):

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import PolicyConfig, RewardConfig
 from .data.records import hub_available
-from .checks import check_model_dir
+from .checks import check_model_dir, check_reward_adapter_dir
 from .errors import UserError, atomic_directory
 
 log = logging.getLogger(__name__)
@@ -635,7 +635,9 @@ def load_reward_model(cfg: RewardConfig, seed: int = 0) -> RewardModel:
         model = tiny_reward_model(tokenizer, seed, tiny[cfg.name_or_path]).to(dtype)
     else:
         source = reward_source(cfg.name_or_path)
-        if Path(source).is_dir():
+        if (Path(source) / "adapter_config.json").is_file() and not (Path(source) / "config.json").is_file():
+            check_reward_adapter_dir(Path(source))  # a PEFT adapter (TRL's LoRA RMs): transformers loads it on its base
+        elif Path(source).is_dir():
             check_model_dir(source, "reward model")
         from .progress import step
 
