@@ -1,4 +1,4 @@
-"""`oodpl benchmark` end to end on configs/tiny.yaml (results.json v2, /work/notes/results_schema.md): a cell for every
+"""`oodpl benchmark` end to end on configs/tiny.yaml (results.json v2, src/oodpl/results.py): a cell for every
 (seed, held-out domain, method) with its primary metrics, per-unit values paired across methods, frontier and matched
 KL; ONE shared pi_ref agreement set per domain; the meta-test's fixed reward scale from pi_ref samples of the
 adaptation prompts, evaluation on the evaluation prompts; report sections, CSV, resume, refusal of another config.

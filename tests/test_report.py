@@ -46,7 +46,7 @@ def synthetic_results(betas=(0.05,)):
                 if ag is not None:
                     units["rm_gold_agreement"] = _units(ag)
                 cells.append({
-                    "seed": s, "domain": d, "method": m,
+                    "seed": s, "domain": d, "method": m, "beta": None if m in ("reference", "dpo") else betas[0],
                     "metrics": {
                         "pl_accuracy": None if pl is None else float(pl.mean()),
                         "rm_gold_agreement": None if ag is None else float(ag.mean()),

@@ -135,7 +135,7 @@ def benchmark(output: str | os.PathLike, config: Config | str | None = None, *,
     """`oodpl benchmark`: every method of cfg.benchmark.methods x held-out domain x seed; returns results.json."""
     from .benchmark import run_benchmark
 
-    return run_benchmark(as_config(config, overrides), output)
+    return run_benchmark(as_config(config, overrides), output).to_json()
 
 
 def leverage_study(output: str | os.PathLike, config: Config | str | None = None, *, domains: list[str] | None = None,

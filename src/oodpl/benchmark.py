@@ -24,7 +24,8 @@ Layout of the output directory (each finished unit is written atomically and ski
     DIR/seed-S/units/<unit>.json                     "done" markers with the unit's wall time
     DIR/results.json, results.csv, report.md, plots/*.png
 
-results.json follows the v2 schema of report.py (cells with metrics, n, per-unit values, frontier and matched KL).
+results.json is `results.Results.to_json()`: the v2 schema is defined in results.py (cells with metrics, n, per-unit
+values, frontier and matched KL; the sections beside them); report.py reads it back as `Results`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from . import methods as registry
 from .metatest import (adapt_reference_samples, eval_seed, judge_fn, meta_test_to_file, policy_samples_to_file,
                        reference_reward_scale, reward_model_fn)
 from .models import PolicyAtInit, place
+from .results import Cell, Results
 from .runlog import MetricsLogger, provenance, seed_everything
 from .stats import interpolate_at_kl, matched_kl
 
@@ -353,7 +355,8 @@ class Benchmark:
                     base_dir=self.dir / "policies" / "base_model", metadata={**info, "beta_test": beta})
 
     def evaluate(self, s: int, pol: PolicyAtInit, method: str, d: str) -> None:
-        """One (seed, domain, method) cell: metrics, n, per-unit values and the frontier (matched KL: collect)."""
+        """One (seed, domain, method) cell: metrics, n, per-unit values and the frontier (matched KL: collect); the
+        record results.Cell reads."""
         cfg = self.config(s, method)
         ho = self.split.held_out[d]
         b0 = self.sample_betas(method)[0]
@@ -406,7 +409,7 @@ class Benchmark:
                            "units": units, "frontier": frontier, "reward_spread_ref": spread})
 
     # --------------------------------------------------------------------------------------------------- run
-    def run(self) -> dict:
+    def run(self) -> Results:
         from .judges import judge_from_config
         from .report import make_plots, render_report, write_csv
 
@@ -446,13 +449,13 @@ class Benchmark:
             bar.close()
             self.logger.close()
             results = self.collect(units, wall=time.time() - t_start)
-            atomic_write_json(self.dir / "results.json", results)
+            atomic_write_json(self.dir / "results.json", results.to_json())
             write_csv(self.dir / "results.csv", results)
             plots = make_plots(self.dir, results)
             atomic_write_text(self.dir / "report.md", render_report(results, plots, self.dir))
             return results
 
-    def report_finished_seeds(self) -> dict:
+    def report_finished_seeds(self) -> Results:
         """Run nothing: results, report and plots of the seeds whose every unit has finished, of a run in progress or
         stopped (the same config), written to DIR/finished/. The run directory itself is only read."""
         from .report import make_plots, render_report, write_csv
@@ -472,22 +475,25 @@ class Benchmark:
         self.seeds = done
         results = self.collect(units, wall=sum(json.loads(self.marker(s, u).read_text())["seconds"]
                                                for s, u, _ in units))
-        results["provenance"]["wall_seconds"] = None  # the run's wall time is unknown here: see timings
-        results["provenance"]["note"] = (f"seeds {done} of {self.cfg.benchmark.seeds}: every unit of these seeds "
+        results.provenance["wall_seconds"] = None  # the run's wall time is unknown here: see timings
+        results.provenance["note"] = (f"seeds {done} of {self.cfg.benchmark.seeds}: every unit of these seeds "
                                          "had finished; the others are left out")
         out = self.dir / "finished"
-        atomic_write_json(out / "results.json", results)
+        atomic_write_json(out / "results.json", results.to_json())
         write_csv(out / "results.csv", results)
         atomic_write_text(out / "report.md", render_report(results, make_plots(out, results), out))
         return results
 
     # ----------------------------------------------------------------------------------------------- collect
-    def collect(self, units, wall: float) -> dict:
+    def collect(self, units, wall: float) -> Results:
+        """Every seed's cells (eval records with the matched KL of their (seed, domain)) and the sections beside
+        them, as the results.json schema (results.py)."""
         domains = sorted(self.split.held_out)
         cells = []
         for s in self.seeds:
             for d in domains:
-                recs = {m: json.loads((self.sdir(s) / "eval" / m / f"{d}.json").read_text()) for m in self.methods}
+                paths = {m: self.sdir(s) / "eval" / m / f"{d}.json" for m in self.methods}
+                recs = {m: json.loads(path.read_text()) for m, path in paths.items()}
                 # the frontiers of the competing reward models (not the upper bounds) define the matched KL
                 optimised = [recs[m]["frontier"] for m in recs if registry.get(m).output == registry.REWARD_MODEL
                              and not registry.get(m).target_labels]
@@ -497,27 +503,26 @@ class Benchmark:
                         else None
                     rec["metrics"]["gold_at_matched_kl"] = at
                     rec["matched_kl"] = target
-                    cells.append(rec)
-        return {
-            "version": 2,
-            "config": self.cfg.to_dict(),
-            "seeds": self.seeds,
-            "methods": self.methods,
-            "method_notes": registry.method_notes(self.cfg, self.methods),
-            "baselines": [b for b in registry.BASELINES if b in self.methods],
-            "split": self.split.summary(),
-            "domains": domains,
-            "betas": self.betas,
-            "cells": cells,
-            "samples_table": self.samples_table(domains),
-            "diagnostics": self.diagnostics(domains),
-            "left_out": self.left_out_scores(),
-            "fit": self.fit_scores(),
-            "meta_curves": self.meta_curves(),
-            "selection": self.selection_summary(),
-            "timings": self.timings(units, wall),
-            "provenance": provenance(wall),
-        }
+                    cells.append(Cell.from_json(rec, str(paths[m])))
+        return Results(
+            config=self.cfg.to_dict(),
+            seeds=self.seeds,
+            methods=self.methods,
+            method_notes=registry.method_notes(self.cfg, self.methods),
+            baselines=[b for b in registry.BASELINES if b in self.methods],
+            split=self.split.summary(),
+            domains=domains,
+            betas=self.betas,
+            cells=cells,
+            samples_table=self.samples_table(domains),
+            diagnostics=self.diagnostics(domains),
+            left_out=self.left_out_scores(),
+            fit=self.fit_scores(),
+            meta_curves=self.meta_curves(),
+            selection=self.selection_summary(),
+            timings=self.timings(units, wall),
+            provenance=provenance(wall),
+        )
 
     def samples_table(self, domains: list[str], rows: int = 4) -> dict:
         """First evaluation prompts of each domain, one sample each of reference / erm-rm / meta-rm (first seed)."""
@@ -630,5 +635,5 @@ def _read_jsonl(path: Path) -> list[dict]:
     return read_metrics(path)  # skips a torn last line
 
 
-def run_benchmark(cfg: Config, output: str | Path) -> dict:
+def run_benchmark(cfg: Config, output: str | Path) -> Results:
     return Benchmark(cfg, output).run()

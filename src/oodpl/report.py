@@ -1,10 +1,11 @@
-"""Benchmark outputs from results.json v2 (schema: the benchmark module): results.csv, report.md and PNG plots.
+"""Benchmark outputs from results.json v2 (the schema: results.py): results.csv, report.md and PNG plots.
 
-Everything in the report is computed from the results dict; nothing is typed in. The statistics (docs/method.md,
-"Statistics and evidence") come from `stats`: the unit of evidence is a (seed, held-out domain) cell; a method is
-compared with each baseline by the paired difference per cell, a 95% t-interval over seeds of the domain-averaged
-difference (which alone decides a verdict) and a sign test over cells; within a cell, intervals come from a bootstrap
-that resamples prompts (the samples of one prompt are not independent).
+Everything in the report is computed from a `results.Results` (the entry points also take a results.json dict and
+read it through `Results.from_json`); nothing is typed in. The statistics (docs/method.md, "Statistics and
+evidence") come from `stats`: the unit of evidence is a (seed, held-out domain) cell; a method is compared with each
+baseline by the paired difference per cell, a 95% t-interval over seeds of the domain-averaged difference (which
+alone decides a verdict) and a sign test over cells; within a cell, intervals come from a bootstrap that resamples
+prompts (the samples of one prompt are not independent).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import atomic_write_bytes, atomic_write_text
+from .results import Cell, Results, as_results
 from .stats import (
     DESCRIPTIVE,
     METRIC_LABELS,
@@ -68,51 +70,52 @@ DIAGNOSTIC_MEANING = {
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _cells(results: dict) -> list[dict]:
-    return list(results.get("cells") or [])
-
-
-def _ran_methods(results: dict) -> list[str]:
-    """Methods with at least one cell, in results["methods"] order (then any others in order of appearance)."""
-    seen = list(dict.fromkeys(c["method"] for c in _cells(results)))
-    listed = [m for m in results.get("methods", []) if m in seen]
+def _ran_methods(results: Results) -> list[str]:
+    """Methods with at least one cell, in results.methods order (then any others in order of appearance)."""
+    seen = list(dict.fromkeys(c.method for c in results.cells))
+    listed = [m for m in results.methods if m in seen]
     return listed + [m for m in seen if m not in listed]
 
 
-def _baselines(results: dict) -> list[str]:
+def _baselines(results: Results) -> list[str]:
     ran = _ran_methods(results)
-    return [b for b in results.get("baselines", []) if b in ran]
+    return [b for b in results.baselines if b in ran]
 
 
-def _contenders(results: dict) -> list[str]:
+def _contenders(results: Results) -> list[str]:
     """Non-baseline methods that ran, meta-rm first."""
     others = [m for m in _ran_methods(results) if m not in _baselines(results)]
     return sorted(others, key=lambda m: m != "meta-rm")
 
 
-def _domains(results: dict) -> list[str]:
-    return list(results.get("domains") or sorted({c["domain"] for c in _cells(results)}))
+def _domains(results: Results) -> list[str]:
+    return list(results.domains or sorted({c.domain for c in results.cells}))
 
 
-def _seeds(results: dict) -> list:
-    return list(results.get("seeds") or sorted({c["seed"] for c in _cells(results)}))
+def _seeds(results: Results) -> list:
+    return list(results.seeds or sorted({c.seed for c in results.cells}))
 
 
-def _metric_keys(results: dict) -> list[str]:
-    present = {k for c in _cells(results) for k in (c.get("metrics") or {})}
+def _metric_keys(results: Results) -> list[str]:
+    present = {k for c in results.cells for k in c.metrics}
     return [k for k in METRICS if k in present] + sorted(present - set(METRICS))
 
 
-def _value(cell: dict, metric: str) -> float | None:
-    return (cell.get("metrics") or {}).get(metric)
+def _value(cell: Cell, metric: str) -> float | None:
+    return cell.metrics.get(metric)
 
 
-def _has(results: dict, method: str, metric: str) -> bool:
-    return any(c["method"] == method and _value(c, metric) is not None for c in _cells(results))
+def _has(results: Results, method: str, metric: str) -> bool:
+    return any(c.method == method and _value(c, metric) is not None for c in results.cells)
 
 
-def _lookup(results: dict) -> dict[tuple, dict]:
-    return {(c["seed"], c["domain"], c["method"]): c for c in _cells(results)}
+def _lookup(results: Results) -> dict[tuple, Cell]:
+    return {(c.seed, c.domain, c.method): c for c in results.cells}
+
+
+def _as_dicts(cells: Iterable[Cell]) -> list[dict]:
+    """Cells as the JSON objects stats.paired_comparison reads."""
+    return [c.to_json() for c in cells]
 
 
 def _interval(ci: dict, digits: int = 3) -> str:
@@ -142,25 +145,28 @@ def _table(head: list[str], rows: Iterable[list[Any]]) -> list[str]:
     return out
 
 
-def seed_level(results: dict, method: str, metric: str, domain: str | None = None) -> dict:
-    """A method's metric over cells: per seed, the mean over the domains (or the one `domain`) that have it, then
-    a 95% t-interval over seeds. Returns the t_interval dict plus "cells" (how many cells had a value)."""
+def seed_level(cells: Iterable[Cell], method: str, metric: str, domain: str | None = None) -> dict:
+    """A method's metric over cells (results.cells, or a diagnostic's): per seed, the mean over the domains (or the
+    one `domain`) that have it, then a 95% t-interval over seeds. Returns the t_interval dict plus "cells" (how many
+    cells had a value)."""
     by_seed: dict[Any, list[float]] = {}
-    for c in _cells(results):
-        if c["method"] == method and (domain is None or c["domain"] == domain):
+    for c in cells:
+        if c.method == method and (domain is None or c.domain == domain):
             v = _value(c, metric)
             if v is not None:
-                by_seed.setdefault(c["seed"], []).append(float(v))
+                by_seed.setdefault(c.seed, []).append(float(v))
     out = t_interval([float(np.mean(v)) for v in by_seed.values()])
     out["cells"] = sum(len(v) for v in by_seed.values())
     return out
 
 
 # --------------------------------------------------------------------------------------- the statistics
-def comparisons(results: dict, metrics: Iterable[str] = ENDPOINTS, methods: Iterable[str] | None = None) -> list[dict]:
+def comparisons(results: Results | dict, metrics: Iterable[str] = ENDPOINTS,
+                methods: Iterable[str] | None = None) -> list[dict]:
     """paired_comparison for every metric x non-baseline method that has it (meta-rm first) x baseline that ran,
     keeping those with at least one common cell; ordered metric by metric (primary endpoints first)."""
-    cells = _cells(results)
+    results = as_results(results)
+    cells = _as_dicts(results.cells)
     methods = list(_contenders(results) if methods is None else methods)
     out = []
     for k in metrics:
@@ -176,9 +182,11 @@ def comparisons(results: dict, metrics: Iterable[str] = ENDPOINTS, methods: Iter
     return out
 
 
-def verdict_lines(results: dict, methods: Iterable[str] | None = None, metrics: Iterable[str] = ENDPOINTS) -> list[str]:
+def verdict_lines(results: Results | dict, methods: Iterable[str] | None = None,
+                  metrics: Iterable[str] = ENDPOINTS) -> list[str]:
     """One sentence per paired comparison (stats.verdict_sentence): primary endpoints first, meta-rm first within
-    each, against every baseline in results["baselines"] that ran."""
+    each, against every baseline in results.baselines that ran."""
+    results = as_results(results)
     metrics = list(metrics)
     ordered = [k for k in metrics if k in PRIMARY] + [k for k in metrics if k not in PRIMARY]
     comps = comparisons(results, ordered, methods)
@@ -188,14 +196,15 @@ def verdict_lines(results: dict, methods: Iterable[str] | None = None, metrics: 
     return [verdict_sentence(c) for c in comps]
 
 
-def summary_table(results: dict, metrics: Iterable[str] = ENDPOINTS) -> str:
+def summary_table(results: Results | dict, metrics: Iterable[str] = ENDPOINTS) -> str:
     """Per method, each metric's mean over cells with a 95% interval and n: markdown (the table the CLI prints)."""
+    results = as_results(results)
     metrics = [k for k in metrics if any(_has(results, m, k) for m in _ran_methods(results))]
     rows = []
     for m in _ran_methods(results):
         row = [m]
         for k in metrics:
-            s = seed_level(results, m, k)
+            s = seed_level(results.cells, m, k)
             row.append("n/a" if s["mean"] is None else f"{fmt_num(s['mean'])} {_interval(s)} (n={s['cells']})")
         rows.append(row)
     head = ["method"] + [f"{k} ({endpoint_kind(k)})" for k in metrics]
@@ -216,46 +225,47 @@ def comparison_table(comps: list[dict]) -> str:
     return "\n".join(_table(head, rows))
 
 
-def _units(cell: dict | None, metric: str) -> dict | None:
-    u = ((cell or {}).get("units") or {}).get(metric)
+def _units(cell: Cell | None, metric: str) -> dict | None:
+    u = None if cell is None else cell.units.get(metric)
     return u if u and u.get("values") is not None else None
 
 
-def _cell_boot(cell: dict, metric: str) -> dict | None:
+def _cell_boot(cell: Cell, metric: str) -> dict | None:
     u = _units(cell, metric)
     return None if u is None else cluster_bootstrap(u["values"], u["clusters"], n_boot=N_BOOT, seed=0)
 
 
-def _paired_boot(cell: dict, base: dict | None, metric: str) -> dict | None:
+def _paired_boot(cell: Cell, base: Cell | None, metric: str) -> dict | None:
     u, v = _units(cell, metric), _units(base, metric)
     if u is None or v is None:
         return None
     if len(u["values"]) != len(v["values"]) or list(u["clusters"]) != list(v["clusters"]):
-        raise ValueError(f"results.json: the {metric} units of {cell['method']} and {base['method']} in seed "
-                         f"{cell['seed']}, domain {cell['domain']} are not the same items (lengths "
+        raise ValueError(f"results.json: the {metric} units of {cell.method} and {base.method} in seed "
+                         f"{cell.seed}, domain {cell.domain} are not the same items (lengths "
                          f"{len(u['values'])} vs {len(v['values'])}); the benchmark must score the same units")
     return paired_cluster_bootstrap(u["values"], v["values"], u["clusters"], n_boot=N_BOOT, seed=0)
 
 
 # ------------------------------------------------------------------------------------------------- CSV
-def write_csv(path: Path, results: dict) -> None:
+def write_csv(path: Path, results: Results | dict) -> None:
     """results.csv: one row per cell and metric, with the cell's units and prompt-clustered bootstrap interval."""
+    results = as_results(results)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["seed", "domain", "method", "metric", "value", "units", "clusters", "boot_low", "boot_high",
                 "matched_kl", "n"])
     blank = (lambda x: "" if x is None else x)
-    for c in _cells(results):
-        for k, v in (c.get("metrics") or {}).items():
+    for c in results.cells:
+        for k, v in c.metrics.items():
             b = _cell_boot(c, k) or {}
-            w.writerow([c["seed"], c["domain"], c["method"], k, blank(v), blank(b.get("units")),
+            w.writerow([c.seed, c.domain, c.method, k, blank(v), blank(b.get("units")),
                         blank(b.get("clusters")), blank(b.get("low")), blank(b.get("high")),
-                        blank(c.get("matched_kl")), json.dumps(c.get("n") or {}, sort_keys=True)])
+                        blank(c.matched_kl), json.dumps(c.n, sort_keys=True)])
     atomic_write_text(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def make_plots(directory: Path, results: dict) -> list[str]:
+def make_plots(directory: Path, results: Results | dict) -> list[str]:
     """PNG plots under directory/plots; returns their paths relative to `directory`. The frontier plot only with
     at least two beta_test values."""
     import matplotlib
@@ -263,7 +273,7 @@ def make_plots(directory: Path, results: dict) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    directory = Path(directory)
+    results, directory = as_results(results), Path(directory)
     made: list[str] = []
 
     def save(fig, name):
@@ -273,7 +283,7 @@ def make_plots(directory: Path, results: dict) -> list[str]:
         atomic_write_bytes(directory / "plots" / name, buf.getvalue())
         made.append(f"plots/{name}")
 
-    if len(results.get("betas") or []) >= 2 and _frontier_plot(plt, results):
+    if len(results.betas) >= 2 and _frontier_plot(plt, results):
         save(plt.gcf(), "frontier.png")
     bars = [k for k in ("pl_accuracy", "rm_gold_agreement", "gold_at_matched_kl")
             if any(_has(results, m, k) for m in _ran_methods(results))]
@@ -285,19 +295,19 @@ def make_plots(directory: Path, results: dict) -> list[str]:
     return made
 
 
-def _frontier_plot(plt, results: dict) -> bool:
+def _frontier_plot(plt, results: Results) -> bool:
     """Gold reward vs KL per method: per beta_test, the mean over cells; error bars = 95% t-intervals over seeds
     of the domain-averaged gold reward (vertical) and KL (horizontal)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     drawn = False
     for m in _ran_methods(results):
         per_beta: dict[Any, dict[Any, list[tuple[float, float]]]] = {}
-        for c in _cells(results):
-            if c["method"] != m:
+        for c in results.cells:
+            if c.method != m:
                 continue
-            for p in c.get("frontier") or []:
+            for p in c.frontier:
                 if p.get("kl") is not None and p.get("gold_reward") is not None:
-                    per_beta.setdefault(p.get("beta"), {}).setdefault(c["seed"], []).append(
+                    per_beta.setdefault(p.get("beta"), {}).setdefault(c.seed, []).append(
                         (float(p["kl"]), float(p["gold_reward"])))
         pts = []
         for beta, by_seed in per_beta.items():
@@ -330,7 +340,7 @@ def _frontier_plot(plt, results: dict) -> bool:
     return drawn
 
 
-def _domain_bars(plt, results: dict, metrics: list[str]) -> None:
+def _domain_bars(plt, results: Results, metrics: list[str]) -> None:
     """Per held-out domain and method: mean over seeds, error bars = 95% t-interval over seeds."""
     domains = _domains(results)
     fig, axes = plt.subplots(1, len(metrics), figsize=(max(6.0, 1.6 * len(domains) + 2) * len(metrics), 4.2),
@@ -339,7 +349,7 @@ def _domain_bars(plt, results: dict, metrics: list[str]) -> None:
         methods = [m for m in _ran_methods(results) if _has(results, m, k)]
         width = 0.8 / max(1, len(methods))
         for i, m in enumerate(methods):
-            cis = [seed_level(results, m, k, d) for d in domains]
+            cis = [seed_level(results.cells, m, k, d) for d in domains]
             means = [np.nan if ci["mean"] is None else ci["mean"] for ci in cis]
             lo = [0.0 if ci["low"] is None else ci["mean"] - ci["low"] for ci in cis]
             hi = [0.0 if ci["high"] is None else ci["high"] - ci["mean"] for ci in cis]
@@ -354,8 +364,8 @@ def _domain_bars(plt, results: dict, metrics: list[str]) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.93))
 
 
-def _curves_plot(plt, results: dict) -> bool:
-    curves = results.get("meta_curves") or {}
+def _curves_plot(plt, results: Results) -> bool:
+    curves = results.meta_curves
     series = [(f"{m} ({s})", rows) for s, per in curves.items() for m, rows in (per or {}).items() if rows]
     keys: list[str] = []
     for _, rows in series:
@@ -384,8 +394,8 @@ def _curves_plot(plt, results: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- report
-def _provenance(results: dict) -> str:
-    p = results.get("provenance")
+def _provenance(results: Results) -> str:
+    p = results.provenance
     if not p:
         return "_Provenance: not recorded in results.json (command, date, machine, wall time)._"
     parts = []
@@ -397,7 +407,7 @@ def _provenance(results: dict) -> str:
         parts.append(f"on {p['machine']}")
     if p.get("wall_seconds") is not None:
         ws = float(p["wall_seconds"])
-        units = float((results.get("timings") or {}).get("total_unit_seconds") or 0.0)
+        units = float(results.timings.get("total_unit_seconds") or 0.0)
         if units > ws + 60:  # most units were computed by earlier invocations: this one's wall time says nothing
             parts.append(f"wall time of this invocation {ws:.0f} s; its units were computed by earlier invocations "
                          f"(sum of unit times {units:.0f} s = {units / 60:.1f} min, see Timings)")
@@ -430,8 +440,8 @@ def _render_value(v: Any) -> str:
     return _md_escape(v, 200)
 
 
-def _split_lines(results: dict) -> list[str]:
-    split = results.get("split") or {}
+def _split_lines(results: Results) -> list[str]:
+    split = results.split
     L = []
     for part, title in (("meta_train", "meta-train domains"), ("held_out", "held-out domains")):
         doms = split.get(part)
@@ -445,7 +455,7 @@ def _split_lines(results: dict) -> list[str]:
     return L
 
 
-def _per_domain_lines(results: dict) -> list[str]:
+def _per_domain_lines(results: Results) -> list[str]:
     lk = _lookup(results)
     baselines = _baselines(results)
     methods = _ran_methods(results)
@@ -481,7 +491,7 @@ def _per_domain_lines(results: dict) -> list[str]:
         for m in methods:
             row, any_value = [m], False
             for k in rest:
-                ci = seed_level(results, m, k, d)
+                ci = seed_level(results.cells, m, k, d)
                 any_value |= ci["mean"] is not None
                 row.append("n/a" if ci["mean"] is None else f"{fmt_num(ci['mean'])} {_interval(ci)} (n={ci['n']})")
             if any_value:
@@ -493,8 +503,8 @@ def _per_domain_lines(results: dict) -> list[str]:
     return L
 
 
-def _samples_lines(results: dict) -> list[str]:
-    table = results.get("samples_table") or {}
+def _samples_lines(results: Results) -> list[str]:
+    table = results.samples_table
     L = []
     for d, rows in table.items():
         if not rows:
@@ -510,8 +520,8 @@ def _samples_lines(results: dict) -> list[str]:
     return L
 
 
-def _diagnostics_lines(results: dict) -> list[str]:
-    diag = results.get("diagnostics") or {}
+def _diagnostics_lines(results: Results) -> list[str]:
+    diag = results.diagnostics
     rows = [[s, m, k, _render_value(v)] for s, per in diag.items() for m, ds in (per or {}).items()
             for k, v in (ds or {}).items()]
     if not rows:
@@ -534,31 +544,47 @@ LEFT_OUT_METRICS = {
 }
 
 
-def left_out_cells(results: dict, key: str = "left_out") -> list[dict]:
+def _diagnostic_cell(seed: int, domain: str, method: str, metrics: dict[str, float | None]) -> Cell:
+    """A diagnostic's scores of (seed, domain, method) as a Cell: metrics only (no units, counts or frontier)."""
+    return Cell(seed=seed, domain=domain, method=method, beta=None, metrics=metrics, n={}, units={}, frontier=[],
+                matched_kl=None)
+
+
+def left_out_cells(results: Results, key: str = "left_out") -> list[Cell]:
     """The left-out diagnostic (or, with key "fit", the fit diagnostic on the meta-train domains) as (seed, domain,
     method) cells, for seed_level / paired_comparison."""
     cells = []
-    for rec in results.get(key) or []:
+    for rec in getattr(results, key):
         for m, per in (rec.get("methods") or {}).items():
             for d, v in per.items():
                 metrics = {k: v.get(k) for k in ("outer_loss_before", "step_length", "kl_after", "pair_accuracy")}
                 metrics["outer_loss_after"] = v.get("outer_loss")
                 if v.get("outer_loss") is not None and v.get("outer_loss_before") is not None:
                     metrics["outer_loss_drop"] = v["outer_loss_before"] - v["outer_loss"]
-                cells.append({"seed": rec["seed"], "domain": d, "method": m, "metrics": metrics})
+                cells.append(_diagnostic_cell(rec["seed"], d, m, metrics))
     return cells
 
 
-def _left_out_lines(results: dict) -> list[str]:
-    recs = [r for r in results.get("left_out") or [] if r.get("domains")]
+def _against_erm(cells: list[Cell], metrics: tuple[str, ...], skip: tuple[str, ...]) -> list[str]:
+    """A diagnostic's paired comparisons (metric by metric) of each of its methods but `skip` with erm-rm and
+    erm-rm-extra where they are among the cells: the comparison table, or nothing when no pair shares a cell."""
+    rows, methods = _as_dicts(cells), list(dict.fromkeys(c.method for c in cells))
+    comps = [paired_comparison(rows, k, m, b) for k in metrics for m in methods if m not in skip
+             for b in ("erm-rm", "erm-rm-extra") if b in methods]
+    comps = [c for c in comps if c["n_cells"]]
+    return [comparison_table(comps), ""] if comps else []
+
+
+def _left_out_lines(results: Results) -> list[str]:
+    recs = [r for r in results.left_out if r.get("domains")]
     if not recs:
-        if results.get("left_out"):
+        if results.left_out:
             return ["No meta-train-pool domain was left out of training (every non-held-out domain trains the "
                     "methods), so the left-out diagnostic has nothing to score; set data.max_domains below the "
                     "number of meta-train domains to leave some out.", ""]
         return []
-    cells = {"cells": left_out_cells(results)}
-    methods = list(dict.fromkeys(c["method"] for c in cells["cells"]))
+    cells = left_out_cells(results)
+    methods = list(dict.fromkeys(c.method for c in cells))
     domains = sorted({d for r in recs for d in r["domains"]})
     r0 = recs[0]
     L = [f"Left-out meta-train domains ({', '.join(domains)}): domains of the task that no method trained on and "
@@ -575,12 +601,7 @@ def _left_out_lines(results: dict) -> list[str]:
             row.append(f"{fmt_num(sl['mean'], digits)} {_interval(sl, digits)}")
         rows.append(row + [levels["outer_loss_drop"]["cells"]])
     L += _table(["method", *LEFT_OUT_METRICS, "n cells"], rows) + [""]
-    comps = [paired_comparison(cells["cells"], k, m, b) for k in ("outer_loss_drop", "pair_accuracy")
-             for m in methods if m not in ("erm-rm", "erm-rm-extra") for b in ("erm-rm", "erm-rm-extra")
-             if b in methods]
-    comps = [c for c in comps if c["n_cells"]]
-    if comps:
-        L += [comparison_table(comps), ""]
+    L += _against_erm(cells, ("outer_loss_drop", "pair_accuracy"), ("erm-rm", "erm-rm-extra"))
     L += [f"- `{k}`: {v}." for k, v in LEFT_OUT_METRICS.items()]
     return L + [""]
 
@@ -593,28 +614,28 @@ LEVERAGE_METRICS = {
 }
 
 
-def leverage_cells(results: dict) -> list[dict]:
+def leverage_cells(results: Results) -> list[Cell]:
     """The left-out leverage records as (seed, domain, reward) cells, draws averaged; the reward is an RM, the
     oracle (-s~) or the gold judge. Every cell also carries the step's headroom and floor."""
     cells = []
-    for rec in results.get("left_out") or []:
+    for rec in results.left_out:
         for d, draws in (rec.get("leverage") or {}).items():
             names = [k for k in draws[0] if isinstance(draws[0][k], dict)]
             for name in names:
                 metrics = {k: float(np.mean([r[name][k] for r in draws])) for k in LEVERAGE_METRICS}
                 metrics["headroom"] = float(np.mean([r["headroom"] for r in draws]))
                 metrics["floor"] = float(np.mean([r["floor"] for r in draws]))
-                cells.append({"seed": rec["seed"], "domain": d, "method": name, "metrics": metrics})
+                cells.append(_diagnostic_cell(rec["seed"], d, name, metrics))
     return cells
 
 
-def _leverage_lines(results: dict) -> list[str]:
-    cells = {"cells": leverage_cells(results)}
-    if not cells["cells"]:
+def _leverage_lines(results: Results) -> list[str]:
+    cells = leverage_cells(results)
+    if not cells:
         return []
-    names = list(dict.fromkeys(c["method"] for c in cells["cells"]))
+    names = list(dict.fromkeys(c.method for c in cells))
     h, floor = seed_level(cells, "oracle", "headroom"), seed_level(cells, "oracle", "floor")
-    r0 = next(r for r in results["left_out"] if r.get("leverage"))
+    r0 = next(r for r in results.left_out if r.get("leverage"))
     L = [f"Leverage of the inner step on the left-out meta-train domains (method.md, \"Leverage\"; the same drawn "
          f"inner batches as above, {r0['draws']} per domain): headroom H = {fmt_num(h['mean'], 4)} nats "
          f"{_interval(h, 4)}, the largest first-order drop any reward can give per inner step; a random reward's "
@@ -626,24 +647,19 @@ def _leverage_lines(results: dict) -> list[str]:
         rows.append([m] + [f"{fmt_num(v['mean'], 4)} {_interval(v, 4)}" for v in levels.values()]
                     + [levels["alignment"]["cells"]])
     L += _table(["reward", *LEVERAGE_METRICS, "n cells"], rows) + [""]
-    comps = [paired_comparison(cells["cells"], k, m, b) for k in ("alignment", "real_drop")
-             for m in names if m not in ("erm-rm", "erm-rm-extra", "oracle", "gold")
-             for b in ("erm-rm", "erm-rm-extra") if b in names]
-    comps = [c for c in comps if c["n_cells"]]
-    if comps:
-        L += [comparison_table(comps), ""]
+    L += _against_erm(cells, ("alignment", "real_drop"), ("erm-rm", "erm-rm-extra", "oracle", "gold"))
     L += [f"- `{k}`: {v}." for k, v in LEVERAGE_METRICS.items()]
     L += ["- `oracle`: the reward -s~ (the largest first-order drop); `gold`: the gold judge's scores of the same "
           "samples (does the direction the outer loss asks for agree with the judge?)."]
     return L + [""]
 
 
-def _fit_lines(results: dict) -> list[str]:
-    recs = [r for r in results.get("fit") or [] if r.get("domains")]
+def _fit_lines(results: Results) -> list[str]:
+    recs = [r for r in results.fit if r.get("domains")]
     if not recs:
         return []
-    cells = {"cells": left_out_cells(results, "fit")}
-    methods = list(dict.fromkeys(c["method"] for c in cells["cells"]))
+    cells = left_out_cells(results, "fit")
+    methods = list(dict.fromkeys(c.method for c in cells))
     r0 = recs[0]
     L = [f"Fit before generalise: each reward model's inner step (inner_lr {r0['inner_lr']:g}, {r0['draws']} drawn "
          f"inner batches per domain) scored on the meta-train domains' OWN query pairs ({', '.join(r0['domains'])}: "
@@ -656,16 +672,11 @@ def _fit_lines(results: dict) -> list[str]:
         rows.append([m] + [f"{fmt_num(v['mean'], 4)} {_interval(v, 4)}" for v in levels.values()]
                     + [levels["outer_loss_drop"]["cells"]])
     L += _table(["method", "outer_loss_after", "outer_loss_drop", "pair_accuracy", "n cells"], rows) + [""]
-    comps = [paired_comparison(cells["cells"], "outer_loss_drop", m, b) for m in methods
-             if m not in ("erm-rm", "erm-rm-extra") for b in ("erm-rm", "erm-rm-extra") if b in methods]
-    comps = [c for c in comps if c["n_cells"]]
-    if comps:
-        L += [comparison_table(comps), ""]
-    return L
+    return L + _against_erm(cells, ("outer_loss_drop",), ("erm-rm", "erm-rm-extra"))
 
 
-def _selection_lines(results: dict) -> list[str]:
-    sel = results.get("selection") or {}
+def _selection_lines(results: Results) -> list[str]:
+    sel = results.selection
     if not sel:
         return ["No selection was run: every method used its configured settings.", ""]
     L = []
@@ -681,8 +692,8 @@ def _selection_lines(results: dict) -> list[str]:
     return L + [""]
 
 
-def _timings_lines(results: dict) -> list[str]:
-    t = results.get("timings") or {}
+def _timings_lines(results: Results) -> list[str]:
+    t = results.timings
     if not t:
         return ["No timings were recorded.", ""]
     L = []
@@ -697,9 +708,9 @@ def _timings_lines(results: dict) -> list[str]:
     return L
 
 
-def _method_lines(results: dict) -> list[str]:
-    """Each method's reward backbone, warm start and what of the held-out domains it saw (results' method_notes)."""
-    notes = results.get("method_notes") or {}
+def _method_lines(results: Results) -> list[str]:
+    """Each method's reward backbone, warm start and what of the held-out domains it saw (results.method_notes)."""
+    notes = results.method_notes
     if not notes:
         return []
     rows = []
@@ -712,19 +723,20 @@ def _method_lines(results: dict) -> list[str]:
                                         "what it is"], rows) + [""]
 
 
-def render_report(results: dict, plots: list[str], directory: Path) -> str:
+def render_report(results: Results | dict, plots: list[str], directory: Path) -> str:
     """report.md as markdown. `plots` are the paths make_plots returned (relative to `directory`)."""
+    results = as_results(results)
     plots = list(plots)
     plot = {Path(p).stem: p for p in plots}
     methods, baselines = _ran_methods(results), _baselines(results)
     seeds, domains = _seeds(results), _domains(results)
-    split = results.get("split") or {}
+    split = results.split
     L = ["# oodpl benchmark report", "", _provenance(results), ""]
     L.append(f"Task **{split.get('task', 'n/a')}**; {_count(len(seeds), 'seed')} {seeds} x "
              f"{_count(len(domains), 'held-out domain')} "
              f"({', '.join(domains)}) = {len(seeds) * len(domains)} cells per method; methods: {', '.join(methods)}; "
              f"baselines for the paired differences: {', '.join(baselines) or 'none ran'}; "
-             f"beta_test {results.get('betas')}.")
+             f"beta_test {results.betas}.")
     L.append("")
 
     L += _method_lines(results)
@@ -763,7 +775,7 @@ def render_report(results: dict, plots: list[str], directory: Path) -> str:
     if "frontier" in plot:
         L += [f"![gold reward vs KL]({plot['frontier']})", ""]
     else:
-        L += [f"No frontier plot: it needs at least two beta_test values (this run: {results.get('betas')}).", ""]
+        L += [f"No frontier plot: it needs at least two beta_test values (this run: {results.betas}).", ""]
     if "by_domain" in plot:
         L += [f"![per-domain bars]({plot['by_domain']})", ""]
     if "meta_training" in plot:
@@ -798,7 +810,7 @@ def render_report(results: dict, plots: list[str], directory: Path) -> str:
     L.append("- Each cell's own counts (eval_pairs, agreement_pairs, eval_prompts, samples) are in results.csv "
              "(column n) and results.json.")
     L.append("")
-    cfg = results.get("config")
+    cfg = results.config
     if cfg:
         import yaml
 
@@ -807,11 +819,12 @@ def render_report(results: dict, plots: list[str], directory: Path) -> str:
 
 
 # ------------------------------------------------------------------ names the CLI imports (kept working)
-def main_table(results: dict) -> str:
+def main_table(results: Results | dict) -> str:
     return summary_table(results)
 
 
-def comparison_sentence(results: dict) -> str:
+def comparison_sentence(results: Results | dict) -> str:
     """The primary-endpoint verdicts of meta-rm (every baseline), one per line."""
+    results = as_results(results)
     lines = verdict_lines(results, methods=["meta-rm"], metrics=PRIMARY) if "meta-rm" in _ran_methods(results) else []
     return "\n".join(lines) or "meta-rm has no primary endpoint in common with a baseline, so nothing is compared."
