@@ -94,6 +94,19 @@ def test_verdicts_follow_the_known_directions_and_come_primary_first():
     assert all("over 3 seeds" in s and "9 cells" in s for s in lines)
 
 
+def test_every_other_method_is_also_compared_with_meta_rm():
+    lines = verdict_lines(synthetic_results())
+    # by construction dpo's win rate against pi_ref is meta-rm's + 0.02 in every cell
+    assert any(s.startswith("On win rate against the reference policy (secondary), dpo is higher than meta-rm by "
+                            "0.020") for s in lines)
+    assert any(s.startswith("On held-out PL accuracy (primary), dpo shows no significant difference from meta-rm")
+               for s in lines)
+    assert not any(s.startswith("On held-out PL accuracy (primary), meta-rm") and "than meta-rm" in s for s in lines)
+    without = synthetic_results()
+    without["cells"] = [c for c in without["cells"] if c["method"] != "meta-rm"]
+    assert not any("meta-rm" in s for s in verdict_lines(without))
+
+
 def test_summary_table_shows_n_and_intervals():
     table = summary_table(synthetic_results())
     row = next(l for l in table.splitlines() if l.startswith("| meta-rm |"))

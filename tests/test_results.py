@@ -86,3 +86,19 @@ def test_missing_required_key_is_named(run, where, key):
     del (d if where == "file" else d["cells"][1])[key]
     with pytest.raises(UserError, match=f"{'cell 1' if where == 'cell' else 'the file'} has no '{key}'"):
         Results.from_json(d)
+
+
+def test_oodpl_report_renders_the_run_again_and_says_so(run, tmp_path, capsys):
+    import shutil
+
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(run, copy_dir)
+    (copy_dir / "report.md").unlink()
+    assert main(["--quiet", "report", str(copy_dir)]) == 0
+    again, first = (copy_dir / "report.md").read_text().splitlines(), (run / "report.md").read_text().splitlines()
+    assert "rendered again from results.json by `oodpl report" in again[2] and again[2].startswith(first[2][:-1])
+    assert again[3:] == first[3:]  # the same numbers and text: nothing is recomputed
+    assert (copy_dir / "results.csv").read_text() == (run / "results.csv").read_text()
+    capsys.readouterr()
+    assert main(["--quiet", "report", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run nothing: report the seeds whose every unit has finished (of a run in progress or "
                         "stopped) into OUTPUT/finished/")
 
+    rp = sub.add_parser("report", help="write report.md, results.csv and plots of a finished benchmark run again from "
+                                       "its results.json (this version's report; nothing recomputed)")
+    rp.add_argument("run_dir", metavar="DIR", help="the --output directory of a finished `oodpl benchmark`")
     sel = sub.add_parser("select", help="choose meta.* settings by leave-one-domain-out within meta-train domains")
     _config_args(sel)
 
@@ -357,6 +360,17 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .report import comparison_sentence, main_table, render_run
+
+    results = render_run(args.run_dir)
+    print(main_table(results))
+    print()
+    print(comparison_sentence(results))
+    print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
+    return 0
+
+
 def _cmd_select(args) -> int:
     from .selection import render_selection, select_hyperparameters
 
@@ -408,6 +422,7 @@ HANDLERS = {
     "evaluate": _cmd_evaluate,
     "benchmark": _cmd_benchmark,
     "select": _cmd_select,
+    "report": _cmd_report,
     "theory": _cmd_theory,
     "methods": _cmd_methods,
     "diagnose": _cmd_diagnose,

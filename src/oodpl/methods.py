@@ -222,6 +222,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "orders, weight-averaged", REWARD_MODEL, train_warm, tuned_as="warm-rm", base_choice="erm-rm"),
 ]}
 
+THIS_METHOD = "meta-rm"  # the paper's general reward model: every other method is also compared with it
 ERM = "erm-rm"  # ordinary RLHF: the first baseline, the warm start, and the other side of win_rate_vs_erm
 BASELINES = [ERM, "erm-rm-extra"]  # what every other method is compared with, paired, in the report
 

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import atomic_write_bytes, atomic_write_text
+from .methods import THIS_METHOD
 from .results import Cell, Results, as_results
 from .stats import (
     DESCRIPTIVE,
@@ -82,10 +83,19 @@ def _baselines(results: Results) -> list[str]:
     return [b for b in results.baselines if b in ran]
 
 
+def _compared_with(results: Results, method: str) -> list[str]:
+    """Whom `method` is compared with, paired: the baselines that ran and, for every other method (the field's RMs,
+    dpo, the ablations), meta-rm too: is it better than this paper's reward model?"""
+    refs = _baselines(results)
+    if method != THIS_METHOD and THIS_METHOD in _ran_methods(results) and THIS_METHOD not in refs:
+        refs = refs + [THIS_METHOD]
+    return refs
+
+
 def _contenders(results: Results) -> list[str]:
     """Non-baseline methods that ran, meta-rm first."""
     others = [m for m in _ran_methods(results) if m not in _baselines(results)]
-    return sorted(others, key=lambda m: m != "meta-rm")
+    return sorted(others, key=lambda m: m != THIS_METHOD)
 
 
 def _domains(results: Results) -> list[str]:
@@ -163,8 +173,9 @@ def seed_level(cells: Iterable[Cell], method: str, metric: str, domain: str | No
 # --------------------------------------------------------------------------------------- the statistics
 def comparisons(results: Results | dict, metrics: Iterable[str] = ENDPOINTS,
                 methods: Iterable[str] | None = None) -> list[dict]:
-    """paired_comparison for every metric x non-baseline method that has it (meta-rm first) x baseline that ran,
-    keeping those with at least one common cell; ordered metric by metric (primary endpoints first)."""
+    """paired_comparison for every metric x non-baseline method that has it (meta-rm first) x baseline that ran (and
+    meta-rm, for the other methods: _compared_with), keeping those with at least one common cell; ordered metric by
+    metric (primary endpoints first)."""
     results = as_results(results)
     cells = _as_dicts(results.cells)
     methods = list(_contenders(results) if methods is None else methods)
@@ -173,7 +184,7 @@ def comparisons(results: Results | dict, metrics: Iterable[str] = ENDPOINTS,
         for m in methods:
             if not _has(results, m, k):
                 continue
-            for b in _baselines(results):
+            for b in _compared_with(results, m):
                 if b == m:
                     continue
                 comp = paired_comparison(cells, k, m, b)
@@ -735,7 +746,8 @@ def render_report(results: Results | dict, plots: list[str], directory: Path) ->
     L.append(f"Task **{split.get('task', 'n/a')}**; {_count(len(seeds), 'seed')} {seeds} x "
              f"{_count(len(domains), 'held-out domain')} "
              f"({', '.join(domains)}) = {len(seeds) * len(domains)} cells per method; methods: {', '.join(methods)}; "
-             f"baselines for the paired differences: {', '.join(baselines) or 'none ran'}; "
+             f"baselines for the paired differences: {', '.join(baselines) or 'none ran'}"
+             f"{' (and meta-rm, for every other method)' if THIS_METHOD in methods else ''}; "
              f"beta_test {results.betas}.")
     L.append("")
 
@@ -828,3 +840,33 @@ def comparison_sentence(results: Results | dict) -> str:
     results = as_results(results)
     lines = verdict_lines(results, methods=["meta-rm"], metrics=PRIMARY) if "meta-rm" in _ran_methods(results) else []
     return "\n".join(lines) or "meta-rm has no primary endpoint in common with a baseline, so nothing is compared."
+
+
+def render_run(directory: str | Path) -> Results:
+    """`oodpl report DIR`: report.md, results.csv and plots/ written anew from DIR/results.json by this version's
+    report code (nothing is recomputed: the numbers are the run's); the provenance says so."""
+    import datetime
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .errors import UserError
+
+    directory = Path(directory)
+    path = directory / "results.json"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass the directory of a finished `oodpl benchmark` run")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]}); the run's results.json is damaged") from None
+    results = as_results(data)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        ours = version("oodpl")
+    except PackageNotFoundError:
+        ours = "unknown"
+    results.provenance["rendered"] = (f"report.md rendered again from results.json by `oodpl report {directory}` on "
+                                      f"{when} (oodpl {ours}; the numbers are the run's)")
+    write_csv(directory / "results.csv", results)
+    atomic_write_text(directory / "report.md", render_report(results, make_plots(directory, results), directory))
+    return results
