@@ -23,7 +23,6 @@ from oodpl.judges import (
     _Concat,
     _load_encoder,
     choose_encoder,
-    compare,
     encoder_dir,
     judge_from_config,
     make_judge,
@@ -440,7 +439,7 @@ def test_chat_url_normalisation():
     assert _chat_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
 
 
-# ---------------------------------------------------------------------------------------------- factory, compare
+# ------------------------------------------------------------------------------------------------------ factory
 def test_make_judge():
     assert isinstance(make_judge("auto", "sentiment"), VaderJudge)
     assert make_judge("auto", "knowledge", encoder=MINILM, rm_backbone="tiny-random").encoder == MINILM
@@ -453,21 +452,3 @@ def test_make_judge():
         make_judge("auto", "dialogue")
     with pytest.raises(UserError, match="URL"):
         make_judge("llm", "sentiment")
-
-
-class _TableJudge:
-    name = "table"
-
-    def __init__(self, table):
-        self.table = table
-
-    def score(self, prompts, responses, references=None):
-        return [self.table[r] for r in responses]
-
-
-def test_compare_wins_ties_losses():
-    j = _TableJudge({"good": 0.9, "bad": 0.1, "same": 0.5, "same2": 0.5 + 1e-12})
-    out = compare(j, ["p1", "p2", "p3"], ["good", "bad", "same"], ["bad", "good", "same2"])
-    assert out == [1.0, 0.0, 0.5]
-    with pytest.raises(ValueError):
-        compare(j, ["p"], ["good"], ["bad", "good"])

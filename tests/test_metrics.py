@@ -8,36 +8,27 @@ import torch
 
 from oodpl.metrics import (
     agreement_units,
-    aggregate_seeds,
     mean_ci95,
-    pair_accuracy,
     pair_correct,
     rm_gold_agreement,
     sequence_kl_estimate,
-    t_quantile_975,
     win_rate,
-    win_units,
 )
+from oodpl.stats import t_quantile
 
 
-# ------------------------------------------------------------------------------------------------ pair accuracy
-def test_pair_accuracy_hand_values_with_tie_as_half():
-    # wins: 2>1, 1=1 (tie), 3<4, 0>-1  ->  (1 + 0.5 + 0 + 1) / 4
-    assert pair_accuracy([2, 1, 3, 0], [1, 1, 4, -1]) == pytest.approx(0.625)
-
-
-def test_pair_accuracy_near_tie_and_tensor_input():
+# ------------------------------------------------------------------------------------- pair accuracy (its units)
+def test_pair_correct_near_tie_and_tensor_input():
     c = torch.tensor([1.0 + 1e-12, 5.0], dtype=torch.float64)
     r = np.array([1.0, 6.0])
-    assert pair_accuracy(c, r) == pytest.approx(0.25)  # (0.5 + 0) / 2
+    assert pair_correct(c, r) == [0.5, 0.0]
 
 
-def test_pair_accuracy_empty_is_none_and_bad_inputs_raise():
-    assert pair_accuracy([], []) is None
+def test_pair_correct_bad_inputs_raise():
     with pytest.raises(ValueError, match="differ in length"):
-        pair_accuracy([1, 2], [1])
+        pair_correct([1, 2], [1])
     with pytest.raises(ValueError, match="non-finite"):
-        pair_accuracy([float("nan")], [0.0])
+        pair_correct([float("nan")], [0.0])
 
 
 # ---------------------------------------------------------------------------------------------------- win rate
@@ -58,10 +49,10 @@ def test_t_quantiles_match_numerical_integration_of_the_t_density():
         return h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
 
     for v in (1, 2, 3, 5, 10, 29, 30, 31, 45, 100, 500):
-        assert half_cdf(t_quantile_975(v), v) == pytest.approx(0.475, abs=1e-8), v
-    assert t_quantile_975(10**6) == pytest.approx(1.959964, abs=1e-5)
+        assert half_cdf(t_quantile(0.975, v), v) == pytest.approx(0.475, abs=1e-8), v
+    assert t_quantile(0.975, 10**6) == pytest.approx(1.959964, abs=1e-5)
     with pytest.raises(ValueError):
-        t_quantile_975(0)
+        t_quantile(0.975, 0)
 
 
 def test_mean_ci95_two_values_closed_form():
@@ -113,23 +104,6 @@ def test_rm_gold_agreement_is_about_order_not_scale_and_only_within_groups():
         rm_gold_agreement([1, 2], [1, 2], ["p"])
 
 
-# -------------------------------------------------------------------------------------------------- seeds
-def test_aggregate_seeds_mean_and_sample_std():
-    out = aggregate_seeds([1.0, 2.0, 3.0, 4.0])
-    assert out["mean"] == pytest.approx(2.5)
-    assert out["std"] == pytest.approx(math.sqrt(5 / 3))  # ddof=1: sum of squares 5 over 3
-    assert out["n"] == 4 and out["per_seed"] == [1.0, 2.0, 3.0, 4.0]
-
-
-def test_aggregate_seeds_single_none_and_partial():
-    assert aggregate_seeds([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1, "per_seed": [0.5]}
-    assert aggregate_seeds([None, None]) == {"mean": None, "std": None, "n": 0, "per_seed": [None, None]}
-    assert aggregate_seeds([]) == {"mean": None, "std": None, "n": 0, "per_seed": []}
-    out = aggregate_seeds([1.0, None, 3.0])
-    assert out["mean"] == pytest.approx(2.0) and out["std"] == pytest.approx(math.sqrt(2))
-    assert out["n"] == 2 and out["per_seed"] == [1.0, None, 3.0]
-
-
 # ----------------------------------------------------------------------------------------------------- KL
 def test_sequence_kl_estimate_is_mean_log_ratio():
     assert sequence_kl_estimate([-3.0, -2.0], [-4.0, -2.5]) == pytest.approx(0.75)  # (1 + 0.5) / 2
@@ -148,18 +122,11 @@ def test_sequence_kl_estimate_is_unbiased_on_a_closed_form_case():
 
 # ------------------------------------------------------------------------------------------ per-unit helpers
 def test_pair_correct_units_average_to_pair_accuracy():
+    # wins: 2>1, 1=1 (tie), 3<4, 0>-1  ->  pl_accuracy (1 + 0.5 + 0 + 1) / 4
     c, r = [2, 1, 3, 0], [1, 1, 4, -1]
     assert pair_correct(c, r) == [1.0, 0.5, 0.0, 1.0]
-    assert np.mean(pair_correct(c, r)) == pytest.approx(pair_accuracy(c, r))
+    assert np.mean(pair_correct(c, r)) == pytest.approx(0.625)
     assert pair_correct([], []) == []
-
-
-def test_win_units_per_slot_clustered_by_prompt():
-    vals, cl = win_units([0.9, 0.1, 0.5, 0.7], [0.2, 0.3, 0.5, 0.1], ["p", "p", "q", "q"])
-    assert vals == [1.0, 0.0, 0.5, 1.0] and cl == ["p", "p", "q", "q"]
-    assert np.mean(vals) == pytest.approx(win_rate([0.9, 0.1, 0.5, 0.7], [0.2, 0.3, 0.5, 0.1]))
-    with pytest.raises(ValueError, match="prompts"):
-        win_units([1.0], [0.0], ["p", "q"])
 
 
 def test_agreement_units_hand_example_and_pairing_across_rms():

@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, dump_config
-from .data.split import DomainSplit, build_split, require_oracle_pairs
-from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
+from .config import Config
+from .data.split import DomainSplit, require_oracle_pairs
+from .errors import UserError, atomic_write_json, atomic_write_text
 from .evaluate import (agreement, dpo_pl, gold_scores, load_samples, load_shared_reference_samples, prompt_clusters,
                        references_for, rm_pl, rm_sample_scores, sample_metrics, shared_reference_samples)
 from . import methods as registry
@@ -48,6 +48,7 @@ from .metatest import (adapt_reference_samples, eval_seed, judge_fn, meta_test_t
                        reference_reward_scale, reward_model_fn)
 from .models import PolicyAtInit, place
 from .results import Cell, Results
+from .rundir import RunLayout, open_run
 from .runlog import MetricsLogger, provenance, seed_everything
 from .stats import interpolate_at_kl, matched_kl
 
@@ -69,6 +70,7 @@ class Benchmark:
     def __init__(self, cfg: Config, output: str | Path):
         self.cfg = cfg
         self.dir = Path(output)
+        self.layout = RunLayout(self.dir)
         self.progress = not cfg.quiet
         unknown = [m for m in cfg.benchmark.methods if m not in registry.METHODS]
         if unknown:
@@ -100,6 +102,17 @@ class Benchmark:
     def marker(self, seed: int, unit: str) -> Path:
         return self.sdir(seed) / "units" / f"{unit.replace('/', '__')}.json"
 
+    def select_dir(self) -> Path:
+        return self.dir / "select"
+
+    def shared_path(self, domain: str, name: str) -> Path:
+        """shared/<domain>/<name>.json: the domain's pi_ref samples every seed and method shares."""
+        return self.dir / "shared" / domain / f"{name}.json"
+
+    def eval_path(self, seed: int, method: str, domain: str) -> Path:
+        """seed-S/eval/<method>/<domain>.json: one cell's record (results.Cell)."""
+        return self.sdir(seed) / "eval" / method / f"{domain}.json"
+
     def samples_path(self, seed: int, method: str, domain: str, beta: float | None) -> Path:
         name = "policy.json" if beta is None else f"beta-{_fmt_beta(beta)}.json"
         return self.sdir(seed) / "samples" / method / domain / name
@@ -119,7 +132,7 @@ class Benchmark:
     def rm_dir(self, seed: int, method: str, domain: str | None = None) -> Path | None:
         if registry.get(method).output != registry.REWARD_MODEL:
             return None
-        return self.train_dir(seed, method, domain) / "reward_model"
+        return RunLayout(self.train_dir(seed, method, domain)).reward_model
 
     # ------------------------------------------------------------------------------------------------- caches
     def rm(self, path: Path):
@@ -182,7 +195,7 @@ class Benchmark:
         from .selection import select_hyperparameters
 
         tuned = {registry.get(m).tuned_as for m in self.methods} - {None}
-        select_hyperparameters(registry.method_config(self.cfg, self.seeds[0]), self.dir / "select",
+        select_hyperparameters(registry.method_config(self.cfg, self.seeds[0]), self.select_dir(),
                                methods=[m for m in registry.METHODS if m in tuned])
 
     def selection_summary(self) -> dict:
@@ -195,7 +208,7 @@ class Benchmark:
                 for m, v in sel.get("methods", {}).items()}
 
     def load_selection(self) -> dict:
-        path = self.dir / "select" / "selection.json"
+        path = RunLayout(self.select_dir()).selection
         if not (self.cfg.benchmark.select and path.exists()):
             return {}
         return json.loads(path.read_text())
@@ -205,10 +218,10 @@ class Benchmark:
         the meta-test reward scales (adaptation prompts). pi_ref does not depend on the seed: drawn once."""
         policy = _seed_policy(self.config(self.seeds[0]), self.accelerator).get()
         ho = self.split.held_out[d]
-        shared_reference_samples(self.dir / "shared" / d / "agreement.json", policy,
+        shared_reference_samples(self.shared_path(d, "agreement"), policy,
                                  [p.prompt for p in ho.eval_prompts], self.cfg.eval.agreement_samples,
                                  eval_seed(10_007, di), self.judge, self.refs[d])
-        adapt_reference_samples(self.dir / "shared" / d / "adapt_reference.json", policy,
+        adapt_reference_samples(self.shared_path(d, "adapt_reference"), policy,
                                 [p.prompt for p in ho.adapt_prompts], self.cfg, di)
 
     def train(self, s: int, method: str, pol: PolicyAtInit, domain: str | None = None) -> None:
@@ -225,7 +238,7 @@ class Benchmark:
                                 split=self.split, init=self.rm_dir(s, m.warm_start) if m.warm_start else None,
                                 policy=pol.get, accelerator=self.accelerator, progress=self.progress, what=what,
                                 log=self.logger.child(f"seed-{s}/{what.replace(' ', '/')}").log,
-                                export_base=self.dir / "policies" / "base_model",
+                                export_base=self.layout.base_model,
                                 target_samples=self.target_samples() if m.shifted_samples else None)
         m.trainer(job)
 
@@ -235,7 +248,7 @@ class Benchmark:
         from .field_rms import prompt_groups_from_samples
 
         return [g for d in sorted(self.split.held_out)
-                for g in prompt_groups_from_samples(load_samples(self.dir / "shared" / d / "adapt_reference.json")[0])]
+                for g in prompt_groups_from_samples(load_samples(self.shared_path(d, "adapt_reference"))[0])]
 
     def left_out_split(self) -> DomainSplit:
         """Meta-train-pool domains no method trains on (left out by data.max_domains), fixed once per run."""
@@ -317,7 +330,7 @@ class Benchmark:
         """The meta-test's fixed scale: the reward's spread on the shared pi_ref samples of the adaptation prompts."""
         key = (f"{s}/{method}", d)
         if key not in self._scale_cache:
-            ref, _ = load_samples(self.dir / "shared" / d / "adapt_reference.json")
+            ref, _ = load_samples(self.shared_path(d, "adapt_reference"))
             self._scale_cache[key] = reference_reward_scale(reward, ref)
         return self._scale_cache[key]
 
@@ -337,7 +350,7 @@ class Benchmark:
         if output == registry.POLICY:
             from .dpo import load_trainable
 
-            load_trainable(policy, self.train_dir(s, method) / "policy_trainable.pt")
+            load_trainable(policy, RunLayout(self.train_dir(s, method)).policy_trainable)
             policy_samples_to_file(path, policy, eval_prompts, cfg, eval_seed(s, di), {**info, "dpo_beta":
                                                                                         cfg.rloo.beta})
             return
@@ -352,7 +365,7 @@ class Benchmark:
         from .export import save_policy
 
         save_policy(policy, self.sdir(s) / "policies" / method / d / f"beta_{beta:g}",
-                    base_dir=self.dir / "policies" / "base_model", metadata={**info, "beta_test": beta})
+                    base_dir=self.layout.base_model, metadata={**info, "beta_test": beta})
 
     def evaluate(self, s: int, pol: PolicyAtInit, method: str, d: str) -> None:
         """One (seed, domain, method) cell: metrics, n, per-unit values and the frontier (matched KL: collect); the
@@ -361,7 +374,7 @@ class Benchmark:
         ho = self.split.held_out[d]
         b0 = self.sample_betas(method)[0]
         rm_path = self.rm_dir(s, method, d)
-        shared, shared_gold = load_shared_reference_samples(self.dir / "shared" / d / "agreement.json")
+        shared, shared_gold = load_shared_reference_samples(self.shared_path(d, "agreement"))
         frontier, units = [], {}
         main = dict.fromkeys(("gold_reward", "kl", "win_rate_vs_reference", "win_rate_vs_erm",
                               "own_sample_agreement"))
@@ -393,7 +406,7 @@ class Benchmark:
             from .dpo import implicit_reward_on_samples, load_trainable
 
             policy = pol.get()
-            load_trainable(policy, self.train_dir(s, method) / "policy_trainable.pt")
+            load_trainable(policy, RunLayout(self.train_dir(s, method)).policy_trainable)
             pl = dpo_pl(policy, ho.eval_pairs, cfg.rloo.beta)
             agr = agreement(implicit_reward_on_samples(policy, shared, cfg.rloo.beta), shared_gold, shared.prompts)
         for key, part in (("pl_accuracy", pl), ("rm_gold_agreement", agr)):
@@ -404,27 +417,24 @@ class Benchmark:
                                             "win_rate_vs_reference", "win_rate_vs_erm", "own_sample_agreement")}
         n = {"eval_pairs": pl["n"] if pl else 0, "agreement_pairs": agr["n"] if agr else 0,
              "eval_prompts": n_prompts, "samples": n_samples}
-        atomic_write_json(self.sdir(s) / "eval" / method / f"{d}.json",
+        atomic_write_json(self.eval_path(s, method, d),
                           {"seed": s, "domain": d, "method": method, "beta": b0, "metrics": metrics, "n": n,
                            "units": units, "frontier": frontier, "reward_spread_ref": spread})
 
     # --------------------------------------------------------------------------------------------------- run
     def run(self) -> Results:
         from .judges import judge_from_config
-        from .report import make_plots, render_report, write_csv
 
         t_start = time.time()
-        with claim_run_dir(self.dir, "benchmark", self.cfg.fingerprint()) as claim:
-            split_path = self.dir / "split.json"
-            self.split = DomainSplit.load(split_path) if split_path.exists() else build_split(self.cfg.data)
+        with open_run(self.dir, "benchmark", self.cfg.fingerprint(), self.cfg) as run:
+            self.split = run.load_split()
             if not self.split.held_out:
                 raise UserError("the split has no held-out domains; set data.held_out_domains")
             if "oracle-rm" in self.methods:
                 require_oracle_pairs(self.split)
             self.judge = judge_from_config(self.cfg, self.split.task)
-            atomic_write_text(self.dir / "config.yaml", dump_config(self.cfg))
-            self.split.save(split_path)
-            claim.commit()
+            run.record(self.split)
+            run.commit()
             self.logger = MetricsLogger(self.dir, self.cfg.report_to, enabled=self.accelerator.is_main_process,
                                         config=self.cfg.to_dict(),
                                         tracking=self.cfg.tracking, stage="benchmark")
@@ -449,23 +459,18 @@ class Benchmark:
             bar.close()
             self.logger.close()
             results = self.collect(units, wall=time.time() - t_start)
-            atomic_write_json(self.dir / "results.json", results.to_json())
-            write_csv(self.dir / "results.csv", results)
-            plots = make_plots(self.dir, results)
-            atomic_write_text(self.dir / "report.md", render_report(results, plots, self.dir))
+            write_results(self.layout, results)
             return results
 
     def report_finished_seeds(self) -> Results:
         """Run nothing: results, report and plots of the seeds whose every unit has finished, of a run in progress or
         stopped (the same config), written to DIR/finished/. The run directory itself is only read."""
-        from .report import make_plots, render_report, write_csv
-
-        if not (self.dir / "oodpl_run.json").exists() or not (self.dir / "split.json").exists():
+        if not self.layout.marker.exists() or not self.layout.split.exists():
             raise UserError(f"{self.dir} holds no benchmark run to report on; run `oodpl benchmark` first")
-        marker = json.loads((self.dir / "oodpl_run.json").read_text())
+        marker = json.loads(self.layout.marker.read_text())
         if marker.get("fingerprint") != json.loads(json.dumps(self.cfg.fingerprint(), default=str)):
             raise UserError(f"{self.dir} holds a benchmark run of a different config; pass the config it was run with")
-        self.split = DomainSplit.load(self.dir / "split.json")
+        self.split = DomainSplit.load(self.layout.split)
         self.selected = {m: v["best"] for m, v in self.load_selection().get("methods", {}).items()}
         units = self.plan()
         done = [s for s in self.seeds if all(self.marker(u_s, u).exists() for u_s, u, _ in units if u_s == s)]
@@ -478,10 +483,7 @@ class Benchmark:
         results.provenance["wall_seconds"] = None  # the run's wall time is unknown here: see timings
         results.provenance["note"] = (f"seeds {done} of {self.cfg.benchmark.seeds}: every unit of these seeds "
                                          "had finished; the others are left out")
-        out = self.dir / "finished"
-        atomic_write_json(out / "results.json", results.to_json())
-        write_csv(out / "results.csv", results)
-        atomic_write_text(out / "report.md", render_report(results, make_plots(out, results), out))
+        write_results(self.layout.finished, results)
         return results
 
     # ----------------------------------------------------------------------------------------------- collect
@@ -492,7 +494,7 @@ class Benchmark:
         cells = []
         for s in self.seeds:
             for d in domains:
-                paths = {m: self.sdir(s) / "eval" / m / f"{d}.json" for m in self.methods}
+                paths = {m: self.eval_path(s, m, d) for m in self.methods}
                 recs = {m: json.loads(path.read_text()) for m, path in paths.items()}
                 # the frontiers of the competing reward models (not the upper bounds) define the matched KL
                 optimised = [recs[m]["frontier"] for m in recs if registry.get(m).output == registry.REWARD_MODEL
@@ -558,14 +560,14 @@ class Benchmark:
                         out.setdefault(f"seed-{s}", {}).setdefault(m, {})["distance_from_warm_start"] = dist
                 if not registry.get(m).bilevel:
                     continue
-                rows = _read_jsonl(self.sdir(s) / m / "metrics.jsonl")
+                rows = _read_jsonl(RunLayout(self.sdir(s) / m).metrics)
                 entry = {k: [r.get(k) for r in rows] for k in ("grad_ratio", "inner_step_length", "inner_kl",
                                                                "outer_loss_before", "outer_loss", "inner_reward_std")}
                 entry = {k: v for k, v in entry.items() if any(x is not None for x in v)}  # logged by this version
                 spread = {}
                 for d in domains:
                     start = registry.get(m).warm_start  # phi_0
-                    cell = {w: json.loads((self.sdir(s) / "eval" / w / f"{d}.json").read_text())
+                    cell = {w: json.loads(self.eval_path(s, w, d).read_text())
                             for w in (start, m) if w in self.methods}
                     spread[d] = {"before": cell.get(start, {}).get("reward_spread_ref"),
                                  "after": cell[m].get("reward_spread_ref")}
@@ -591,7 +593,7 @@ class Benchmark:
         for s in self.seeds:
             for m in self.methods:
                 if registry.get(m).has_outer_steps:
-                    rows = _read_jsonl(self.sdir(s) / m / "metrics.jsonl")
+                    rows = _read_jsonl(RunLayout(self.sdir(s) / m).metrics)
                     keep = ("step", "outer_loss", "bt_loss", "query_accuracy", "grad_ratio", "inner_kl")
                     out.setdefault(f"seed-{s}", {})[m] = [{k: r[k] for k in keep if k in r} for r in rows]
         return out
@@ -611,6 +613,16 @@ class Benchmark:
             by_method[method] = by_method.get(method, 0.0) + sec
         return {"units": unit_times, "by_stage": by_stage, "by_method": by_method,
                 "total_unit_seconds": sum(unit_times.values()), "wall_seconds_this_run": wall}
+
+
+def write_results(layout: RunLayout, results: Results) -> None:
+    """results.json, results.csv, plots/ and report.md (in that order: the report links the plots)."""
+    from .report import make_plots, render_report, write_csv
+
+    atomic_write_json(layout.results, results.to_json())
+    write_csv(layout.results_csv, results)
+    plots = make_plots(layout.root, results)
+    atomic_write_text(layout.report, render_report(results, plots, layout.root))
 
 
 def warm_start_distance(start_dir: Path | None, trained_dir: Path | None) -> dict | None:

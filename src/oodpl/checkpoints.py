@@ -28,6 +28,7 @@ import torch
 from .distributed import uses_deepspeed
 from .errors import (UserError, atomic_write_text, describe_failure, follow_umask, is_disk_full, sha256_file,
                      write_failed)
+from .rundir import RunLayout
 from .runlog import rng_state, set_rng_state
 
 MANIFEST = "manifest.json"
@@ -119,7 +120,7 @@ def drop_damaged_files(directory: Path, what: str) -> None:
 
 def resume_advice(run_dir: Path) -> str:
     """The end of a 'free some space and rerun' line for a meta-train run, as its checkpoints stand."""
-    latest = Path(run_dir) / "checkpoints" / "latest"
+    latest = RunLayout(Path(run_dir)).latest_checkpoint
     try:
         name = latest.read_text().strip() if latest.is_file() else ""
     except OSError:
@@ -184,7 +185,7 @@ def save_checkpoint(run_dir: Path, step: int, rm, policy, optimizer, accelerator
     start every domain's theta_d: `inner_thetas`, {domain: {name: tensor}}, every process holds them) and the
     manifest.
     A failed write (disk full, ...) removes the partial checkpoint and raises one line; the previous one is intact."""
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = RunLayout(run_dir).checkpoints
     target = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".{target.name}.tmp"
     main, sharded = accelerator.is_main_process, uses_deepspeed(accelerator)
@@ -225,7 +226,7 @@ def save_checkpoint(run_dir: Path, step: int, rm, policy, optimizer, accelerator
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        atomic_write_text(ckpt_root / "latest", target.name + "\n")
+        atomic_write_text(RunLayout(run_dir).latest_checkpoint, target.name + "\n")
         for stale in checkpoint_dirs(ckpt_root)[2:]:  # keep the two newest
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -257,12 +258,12 @@ def load_checkpoint(run_dir: Path, rm, optimizer, accelerator) -> int:
 
     Damaged checkpoints (a manifest mismatch, a file that does not load, `latest` naming a missing directory) are
     moved to checkpoints/aside/ with one line naming each and the one resumed from."""
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = RunLayout(run_dir).checkpoints
     main = accelerator.is_main_process
     if main:
         clean_leftovers(ckpt_root)
     accelerator.wait_for_everyone()
-    latest = ckpt_root / "latest"
+    latest = RunLayout(run_dir).latest_checkpoint
     named = latest.read_text().strip() if latest.exists() else None
     candidates = checkpoint_dirs(ckpt_root)
     if not candidates and not named:
@@ -305,7 +306,8 @@ def load_checkpoint(run_dir: Path, rm, optimizer, accelerator) -> int:
 def load_inner_thetas(run_dir: Path, template: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Every domain's theta_d from the checkpoint `load_checkpoint` resumed (the one `latest` names), on the device
     and in the dtype of `template` (theta_init)."""
-    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    layout = RunLayout(run_dir)
+    ckpt = layout.checkpoints / layout.latest_checkpoint.read_text().strip()
     if not (ckpt / INNER_THETAS).is_file():
         raise UserError(f"{ckpt} holds no {INNER_THETAS} (written by a run with meta.inner_start=init); resume it "
                         "with that setting or start a new --output")
@@ -342,7 +344,7 @@ def weights_bounded(ckpt: Path, bound: float = WEIGHT_BOUND) -> str | None:
 def last_good_checkpoint(run_dir: Path, bound: float = WEIGHT_BOUND) -> str | None:
     """The newest checkpoint that verifies and whose weights are finite and bounded (`latest` then names it, so a
     --resume restarts there); newer ones are moved to checkpoints/aside/. None when there is none (main process)."""
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = RunLayout(run_dir).checkpoints
     for ckpt in checkpoint_dirs(ckpt_root):
         problem = verify_checkpoint(ckpt)
         if problem is None:
@@ -351,8 +353,8 @@ def last_good_checkpoint(run_dir: Path, bound: float = WEIGHT_BOUND) -> str | No
             except Exception as e:
                 problem = f"does not load ({type(e).__name__})"
         if problem is None:
-            atomic_write_text(ckpt_root / "latest", ckpt.name + "\n")
+            atomic_write_text(RunLayout(run_dir).latest_checkpoint, ckpt.name + "\n")
             return ckpt.name
         set_aside(ckpt, problem)
-    (ckpt_root / "latest").unlink(missing_ok=True)
+    (RunLayout(run_dir).latest_checkpoint).unlink(missing_ok=True)
     return None

@@ -346,13 +346,14 @@ def _cmd_config(args) -> int:
 def _cmd_benchmark(args) -> int:
     from .benchmark import Benchmark, run_benchmark
     from .report import comparison_sentence, main_table
+    from .rundir import RunLayout
 
     if args.finished_seeds:
         results = Benchmark(_load_cfg(args), args.output).report_finished_seeds()
-        where = Path(args.output) / "finished" / "report.md"
+        where = RunLayout(Path(args.output)).finished.report
     else:
         results = run_benchmark(_load_cfg(args), args.output)
-        where = Path(args.output) / "report.md"
+        where = RunLayout(Path(args.output)).report
     print(main_table(results))
     print()
     print(comparison_sentence(results))

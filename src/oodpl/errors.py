@@ -204,21 +204,6 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
 RUN_MARKER = "oodpl_run.json"
 
 
-def prepare_run_dir(path: str | os.PathLike, kind: str, fingerprint: dict, resume: bool = False) -> Path:
-    """Claim an output directory for a run of `kind` whose identity is `fingerprint` (the resolved config).
-
-    An empty or new directory is claimed. A directory that already holds the same run is reused (resume). A directory
-    that holds a different run, or unrelated files, is refused: we never overwrite somebody's results.
-    (No lock and no roll-back: prefer `claim_run_dir`, which adds both.)
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output path {path} exists and is not a directory; choose another --output")
-    check_writable_dir(path)
-    _mark_run_dir(path, kind, fingerprint)
-    return path
-
-
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted key -> leaf value of a nested mapping."""
     if not isinstance(d, dict):
@@ -237,8 +222,10 @@ def fingerprint_diff(held: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 
 def _mark_run_dir(path: Path, kind: str, fingerprint: dict, extendable: tuple[str, ...] = (),
                   resume: bool = False) -> None:
-    """Claim `path` for this run (see prepare_run_dir). `extendable`: keys (budgets such as meta.outer_steps) that a
-    --resume may change in a run it continues; the marker then records the new values."""
+    """Claim `path` for this run (see claim_run_dir): an empty or new directory is claimed, one that holds the same
+    run is reused (resume), one that holds a different run or unrelated files is refused. `extendable`: keys (budgets
+    such as meta.outer_steps) that a --resume may change in a run it continues; the marker then records the new
+    values."""
     marker = path / RUN_MARKER
     entries = [p for p in path.iterdir() if not p.name.startswith(".")]
     if marker.exists():
@@ -373,14 +360,14 @@ def claim_run_dir(path: str | os.PathLike, kind: str, fingerprint: dict, enabled
             run.commit()
             ...the long work...
 
-    On entry: refuse a directory that holds a different run or unrelated files (like `prepare_run_dir`), take an
-    advisory lock (`fcntl.flock` on `.oodpl.lock`, which records our pid) that a second process on the same directory
-    fails to get (UserError naming the holder's pid), and write the run marker. If the block raises before
-    `commit()`, everything the start created is removed (new entries, and the directory itself if it was created), so
-    a failed start leaves the directory as it found it. The lock is released when the block ends. `enabled=False`
-    (non-main processes) does nothing. A directory holding a run whose fingerprint differs only in `extendable`
-    keys is claimed when `resume` (the marker takes the new values); any other difference is refused with a line
-    naming the differing keys.
+    On entry: refuse a directory that holds a different run or unrelated files (we never overwrite somebody's
+    results; one that holds the same run is reused: resume), take an advisory lock (`fcntl.flock` on `.oodpl.lock`,
+    which records our pid) that a second process on the same directory fails to get (UserError naming the holder's
+    pid), and write the run marker. If the block raises before `commit()`, everything the start created is removed
+    (new entries, and the directory itself if it was created), so a failed start leaves the directory as it found
+    it. The lock is released when the block ends. `enabled=False` (non-main processes) does nothing. A directory
+    holding a run whose fingerprint differs only in `extendable` keys is claimed when `resume` (the marker takes the
+    new values); any other difference is refused with a line naming the differing keys.
     """
     return RunClaim(path, kind, fingerprint, enabled, extendable, resume)
 

@@ -146,9 +146,9 @@ def evaluate_command(cfg, output: str | Path, reward_model: str | None = None, s
     `oodpl meta-test` output directory (gold_reward, kl, win_rate_vs_reference against pi_ref samples drawn with the
     same seeds, own-sample agreement when --reward-model is given). win_rate_vs_erm needs an erm-rm run: it is null
     here (the benchmark computes it). Writes OUTPUT/evaluation.json."""
-    from .data.split import DomainSplit, build_split
-    from .errors import UserError, atomic_write_json, claim_run_dir
+    from .errors import UserError, atomic_write_json
     from .models import load_policy, load_reward_checkpoint
+    from .rundir import RunLayout, load_or_build_split, open_run
 
     if not reward_model and not samples_dir:
         raise UserError("oodpl evaluate needs --reward-model and/or --samples (a meta-test output directory)")
@@ -159,13 +159,13 @@ def evaluate_command(cfg, output: str | Path, reward_model: str | None = None, s
         raise UserError(f"--reward-model {reward_model} does not exist; pass a checkpoint directory")
     out = Path(output)
     fingerprint = {"config": cfg.fingerprint(), "reward_model": reward_model, "samples": samples_dir}
-    with claim_run_dir(out, "evaluate", fingerprint) as claim:
-        split = (DomainSplit.load(sdir / "split.json") if sdir is not None and (sdir / "split.json").exists()
-                 else build_split(cfg.data))
+    with open_run(out, "evaluate", fingerprint, cfg) as run:
+        # the split of the meta-test run whose samples are scored (evaluate stores none of its own)
+        split = load_or_build_split(RunLayout(sdir).split if sdir is not None else None, cfg.data)
         names = sorted(split.held_out)
         rm = load_reward_checkpoint(Path(reward_model), cfg.reward) if reward_model else None
         judge, no_judge = (_judge_or_reason(cfg, split.task) if sdir is not None else (None, None))
-        claim.commit()
+        run.commit()
         result: dict = {"reward_model": reward_model, "samples": samples_dir, "domains": {}, "skipped": []}
         for d in names:
             pairs = split.held_out[d].eval_pairs

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -34,7 +33,6 @@ import torch
 from .errors import UserError, atomic_directory
 from .models import Policy
 
-log = logging.getLogger(__name__)
 
 POLICY_META = "oodpl_policy.json"
 

@@ -163,7 +163,7 @@ def shifted_groups(job) -> list[tuple[str, list[str]]]:
         from .distributed import make_accelerator
         from .metatrain import load_or_build_banks
 
-        banks = load_or_build_banks(job.policy(), job.split, job.cfg, job.output / "bank",
+        banks = load_or_build_banks(job.policy(), job.split, job.cfg, job.layout.bank,
                                     job.accelerator or make_accelerator(), job.progress)
     return prompt_groups_from_banks(banks) + list(job.target_samples or [])
 

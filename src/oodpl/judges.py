@@ -35,8 +35,6 @@ from typing import Protocol, Sequence, runtime_checkable
 
 from oodpl.errors import UserError, atomic_directory, write_failed
 
-from oodpl.stats import TIE_TOL  # the one tie rule (metrics, stats, objectives.pair_accuracy)
-
 
 @runtime_checkable
 class Judge(Protocol):
@@ -592,17 +590,3 @@ def judge_from_config(cfg, task: str | None) -> Judge:
     return make_judge(e.judge, task, e.llm_url, e.llm_model, encoder=e.judge_encoder,
                       rm_backbone=cfg.reward.name_or_path)
 
-
-def compare(
-    judge: Judge,
-    prompts: list[str],
-    responses_a: list[str],
-    responses_b: list[str],
-    references: list[str | None] | None = None,
-) -> list[float]:
-    """Per prompt: 1.0 if the judge scores a's response above b's, 0.5 on a tie (|diff| < 1e-9), 0.0 otherwise."""
-    if len(responses_a) != len(responses_b):
-        raise ValueError(f"{len(responses_a)} responses from a but {len(responses_b)} from b")
-    sa = judge.score(prompts, responses_a, references)
-    sb = judge.score(prompts, responses_b, references)
-    return [0.5 if abs(x - y) < TIE_TOL else (1.0 if x > y else 0.0) for x, y in zip(sa, sb)]

@@ -26,14 +26,18 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .config import Config, dump_config, with_overrides
-from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
+from .config import Config, with_overrides
+from .errors import UserError, atomic_write_json, atomic_write_text
+from .rundir import RunLayout, open_run
 from .stats import t_interval
+
+if TYPE_CHECKING:
+    from .data.split import DomainSplit
 
 
 @dataclass(frozen=True)
@@ -95,14 +99,10 @@ def _response_lengths(policy, pairs) -> list[int]:
 class _Study:
     """Caches shared across variations: policies by depth, banks by (domain, prompts, length), RMs by domain."""
 
-    def __init__(self, cfg: Config, out: Path, domains: list[str], draws: int, pairs: int):
-        from .data.split import DomainSplit, build_split
+    def __init__(self, cfg: Config, out: Path, split: "DomainSplit", domains: list[str], draws: int, pairs: int):
         from .judges import judge_from_config
 
-        self.cfg, self.out, self.draws, self.pairs = cfg, out, draws, pairs
-        split_path = out / "split.json"
-        self.split = DomainSplit.load(split_path) if split_path.exists() else build_split(cfg.data)
-        self.split.save(split_path)
+        self.cfg, self.out, self.split, self.draws, self.pairs = cfg, out, split, draws, pairs
         names = sorted(self.split.meta_train)
         if len(names) < 2:
             raise UserError(f"the leverage study needs at least 2 meta-train domains (leave-one-domain-out erm-rm); "
@@ -159,7 +159,7 @@ class _Study:
             prompts = [p.prompt for p in dom.support_prompts]
         key = (d, inner_prompts, c.policy.max_new_tokens)
         n_max = max(n, self.cfg.rloo.num_samples * 2)
-        path = self.out / "bank" / f"{d}-{inner_prompts}-{c.policy.max_new_tokens}.pt"
+        path = RunLayout(self.out).bank / f"{d}-{inner_prompts}-{c.policy.max_new_tokens}.pt"
         if key not in self._banks:
             if path.exists():
                 bank = SampleBank.load(path)
@@ -412,10 +412,11 @@ def run_leverage_study(cfg: Config, output: str | Path, domains: list[str] | Non
     t0 = time.time()
     prov = provenance(0.0)
     fingerprint = {"config": cfg.fingerprint(), "domains": domains, "draws": draws, "pairs": pairs}
-    with claim_run_dir(out, "leverage", fingerprint) as claim:
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-        study = _Study(cfg, out, domains or [], draws, pairs)
-        claim.commit()
+    with open_run(out, "leverage", fingerprint, cfg) as run:
+        split = run.load_split()
+        run.record(split)
+        study = _Study(cfg, out, split, domains or [], draws, pairs)
+        run.commit()
         rows = []
         for v in rows_wanted:
             path = out / "rows" / (v.name.replace(" ", "_").replace("/", "-").replace(",", "") + ".json")

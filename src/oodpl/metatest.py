@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, dump_config
-from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
+from .config import Config
+from .errors import UserError, atomic_write_json
 from .models import Policy, RewardModel, place
 from .paths import inside
 from .policy_opt import policy_gradient
+from .rundir import RunLayout, open_run
 from .runlog import seed_everything
 from .sampling import collate, encode_prompts, policy_logprobs, sample_responses
 
@@ -222,7 +223,7 @@ def save_aligned_policy(policy: Policy, out: Path, domain: str, beta: float, mer
     from .export import save_policy
 
     target = inside(out, "policies", domain, f"beta_{beta:g}")
-    return save_policy(policy, target, base_dir=out / "policies" / "base_model", merge=merge,
+    return save_policy(policy, target, base_dir=RunLayout(out).base_model, merge=merge,
                        metadata={"domain": domain, "beta_test": beta, **(info or {})})
 
 
@@ -235,7 +236,7 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
     `prompts`: a prompts file (any accepted shape) whose domains are the targets instead of the config's split: prompts
     only, no labels needed (`domain` names a file without a domain column). Under `accelerate launch` each process
     takes every world-th (domain, beta) unit; the main process writes the shared files."""
-    from .data.split import DomainSplit, build_split, held_out_from_prompts
+    from .data.split import held_out_from_prompts
     from .distributed import make_accelerator
     from .models import load_policy, load_reward_checkpoint
     from .runlog import MetricsLogger, progress_disabled
@@ -256,11 +257,8 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
         # read before the output directory is claimed: a bad file leaves nothing behind
         target = held_out_from_prompts(read_prompts(prompts, columns or cfg.data.columns, cfg.data.encoding,
                                                     domain or cfg.data.domain), cfg.data)
-    with claim_run_dir(out, "meta-test", fingerprint, enabled=main) as claim:
-        if prompts is not None:
-            split = target
-        else:
-            split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
+    with open_run(out, "meta-test", fingerprint, cfg, enabled=main) as run:
+        split = target if prompts is not None else run.load_split()
         names = sorted(split.held_out)
         chosen = domains or names
         for d in chosen:
@@ -271,10 +269,8 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
         seed_everything(cfg.seed)
         rm = load_reward_checkpoint(rm_path, cfg.reward)
         policy = load_policy(cfg.policy, seed=cfg.seed)
-        if main:
-            atomic_write_text(out / "config.yaml", dump_config(cfg))
-            split.save(out / "split.json")
-            claim.commit()
+        run.record(split)  # by the main process alone
+        run.commit()
         accelerator.wait_for_everyone()
         place(policy, accelerator)
         place(rm, accelerator)
@@ -287,7 +283,7 @@ def meta_test_command(cfg: Config, reward_model: str, output: str | Path, domain
         policies: dict[str, dict[str, str]] = {}
         for d, beta in units:
             files.setdefault(d, {})[f"{beta:g}"] = str(out / d / f"beta-{beta:g}.json")
-            policies.setdefault(d, {})[f"{beta:g}"] = str(out / "policies" / d / f"beta_{beta:g}")
+            policies.setdefault(d, {})[f"{beta:g}"] = str(run.layout.policies / d / f"beta_{beta:g}")
         bar = tqdm(units[rank::world], desc="meta-test", disable=progress_disabled(progress), unit="run")
         scales: dict[str, float] = {}
         for d, beta in bar:

@@ -21,14 +21,15 @@ from tqdm.auto import tqdm
 
 from .bilevel import DemonstrationSet, DomainTask, PreferenceSet, gradient_term_norms, meta_gradient
 from .objectives import pair_accuracy
-from .config import Config, MetaConfig, dump_config, resolved_hypergrad
-from .data.split import DomainSplit, build_split
+from .config import Config, MetaConfig, resolved_hypergrad
+from .data.split import DomainSplit
 from .distributed import make_accelerator, prepare_deepspeed, uses_deepspeed
 from .checkpoints import (drop_damaged_files, last_good_checkpoint, load_checkpoint, load_inner_thetas, notice,
                           save_checkpoint, write_manifest)
-from .errors import RunClaim, UserError, atomic_write_json, atomic_write_text, claim_run_dir
+from .errors import UserError, atomic_write_json, atomic_write_text
 from .models import Policy, RewardModel, load_policy, load_reward_checkpoint, load_reward_model, place
 from .paths import inside
+from .rundir import Run, RunLayout, open_run
 from .runlog import MetricsLogger, phase, seed_everything
 from .sampling import SampleBank, build_bank, draw_samples
 
@@ -215,37 +216,36 @@ def meta_train(cfg: Config, output: str | Path, resume: bool = False, accelerato
     once).
 
     The output directory is locked for the whole run (a second process on it exits with one line naming this one's
-    pid); a start that fails (bad data, model, checkpoint, ...) removes what it created (errors.claim_run_dir)."""
+    pid); a start that fails (bad data, model, checkpoint, ...) removes what it created (rundir.open_run)."""
     accelerator = accelerator or make_accelerator()
-    with claim_run_dir(output, "meta-train", cfg.fingerprint(), enabled=accelerator.is_main_process,
-                       extendable=BUDGET_KEYS, resume=resume) as claim:
+    with open_run(output, "meta-train", cfg.fingerprint(), cfg, enabled=accelerator.is_main_process,
+                  extendable=BUDGET_KEYS, resume=resume) as run:
         accelerator.wait_for_everyone()
-        return _meta_train(cfg, Path(output), claim, resume, accelerator, stop_after, init_reward_model, split,
-                           policy, banks)
+        return _meta_train(cfg, run, resume, accelerator, stop_after, init_reward_model, split, policy, banks)
 
 
-def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accelerator, stop_after: int | None,
+def _meta_train(cfg: Config, run: Run, resume: bool, accelerator, stop_after: int | None,
                 init_reward_model: str | Path | None, split: DomainSplit | None, policy: Policy | None,
                 banks: dict[str, SampleBank] | None) -> dict:
     main = accelerator.is_main_process
     progress = not cfg.quiet and main
-    final_dir = run_dir / "reward_model"
-    if (run_dir / "summary.json").exists() and final_dir.exists():
-        summary = json.loads((run_dir / "summary.json").read_text())
+    layout, run_dir = run.layout, run.layout.root
+    final_dir = layout.reward_model
+    if layout.summary.exists() and final_dir.exists():
+        summary = json.loads(layout.summary.read_text())
         if not resume or summary.get("outer_steps") == cfg.meta.outer_steps:
             return summary
         # --resume with a larger meta.outer_steps: the finished run continues from its last checkpoint
-    has_ckpt = (run_dir / "checkpoints" / "latest").exists()
+    has_ckpt = layout.latest_checkpoint.exists()
     if has_ckpt and not resume:
         raise UserError(f"{run_dir} holds an unfinished meta-training run; pass --resume to continue it or choose "
                         "another --output")
     seed_everything(cfg.seed)
-    split_path = run_dir / "split.json"
     if split is None:
-        split = DomainSplit.load(split_path) if split_path.exists() else build_split(cfg.data)
-    if main and not split_path.exists():
-        split.save(split_path)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        split = run.load_split()
+    if not layout.split.exists():  # a new run: split.json, then config.yaml (the main process writes)
+        run.save_split(split)
+        run.write_config()
     if len(split.meta_train) == 0:
         raise UserError("the split has no meta-train domains; check data.meta_train_domains / held_out_domains")
 
@@ -257,7 +257,7 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
         place(rm, accelerator)
     with phase(timings, "sample_bank"):
         if banks is None:
-            banks = load_or_build_banks(policy, split, cfg, run_dir / "bank", accelerator, progress)
+            banks = load_or_build_banks(policy, split, cfg, layout.bank, accelerator, progress)
     with phase(timings, "query_sets"):
         queries = build_query_sets(policy, split)
         demos = (build_demonstration_sets(policy, split, cfg, banks)
@@ -278,12 +278,12 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
     if start > cfg.meta.outer_steps:
         raise UserError(f"{run_dir} has run {start} outer steps; meta.outer_steps={cfg.meta.outer_steps} cannot "
                         f"shorten it: set meta.outer_steps >= {start} or choose another --output")
-    if resume and main:  # the settings this (possibly extended) run goes on with
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    if resume:  # the settings this (possibly extended) run goes on with
+        run.write_config()
     warm = cfg.meta.inner_start == "warm"
     # theta_d of every domain drawn since the last reset (absent: theta_init); held by every process, checkpointed
     inner_thetas = load_inner_thetas(run_dir, policy.theta_init()) if warm and start > 0 else {}
-    claim.commit()  # start-up done: from here on a failure keeps the run's files for --resume
+    run.commit()  # start-up done: from here on a failure keeps the run's files for --resume
     logger = MetricsLogger(run_dir, cfg.report_to, enabled=main, resume_step=start,
                            config=cfg.to_dict(), tracking=cfg.tracking, stage="meta-train")
     mode = resolved_hypergrad(cfg.meta)
@@ -383,7 +383,7 @@ def _meta_train(cfg: Config, run_dir: Path, claim: RunClaim, resume: bool, accel
     rm.model = accelerator.unwrap_model(rm.model)
     if main:
         rm.save(final_dir)
-        atomic_write_json(run_dir / "summary.json", summary)
+        atomic_write_json(layout.summary, summary)
     accelerator.wait_for_everyone()
     return summary
 
@@ -406,9 +406,9 @@ def refine_by_bt(cfg: Config, split: DomainSplit, init_reward_model: str | Path,
     run returns its summary, an interrupted one starts over: it takes a minute)."""
     from .objectives import bradley_terry_loss
 
-    run_dir = Path(output)
-    if (run_dir / "summary.json").exists() and (run_dir / "reward_model").exists():
-        return json.loads((run_dir / "summary.json").read_text())
+    layout = RunLayout(Path(output))
+    if layout.summary.exists() and layout.reward_model.exists():
+        return json.loads(layout.summary.read_text())
     seed_everything(cfg.seed)
     rm = load_reward_checkpoint(init_reward_model, cfg.reward)
     names = sorted(split.meta_train)
@@ -437,9 +437,9 @@ def refine_by_bt(cfg: Config, split: DomainSplit, init_reward_model: str | Path,
                                    "meta.outer_lr")
         optimizer.step()
         rows.append({"step": step, "bt_loss": loss_sum, "query_accuracy": acc_sum, "grad_norm": grad_norm})
-    rm.save(run_dir / "reward_model")
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    rm.save(layout.reward_model)
+    atomic_write_text(layout.metrics, "".join(json.dumps(r) + "\n" for r in rows))
     summary = {"outer_steps": cfg.meta.outer_steps, "objective": "bt-only", "init": str(init_reward_model),
-               "domains": names, "reward_model": str(run_dir / "reward_model")}
-    atomic_write_json(run_dir / "summary.json", summary)
+               "domains": names, "reward_model": str(layout.reward_model)}
+    atomic_write_json(layout.summary, summary)
     return summary

@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import Config
 from .errors import UserError, atomic_write_json
+from .rundir import RunLayout
 
 REFERENCE, REWARD_MODEL, POLICY, GOLD = "reference", "reward-model", "policy", "gold"
 
@@ -56,8 +57,12 @@ class TrainJob:
         return self.accelerator is None or self.accelerator.is_main_process
 
     @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.output)
+
+    @property
     def reward_model_dir(self) -> Path:
-        return self.output / "reward_model"
+        return self.layout.reward_model
 
 
 Trainer = Callable[[TrainJob], None]
@@ -68,8 +73,8 @@ def save_reward_fit(job: TrainJob, rm, stats: dict, **extra) -> None:
     """A fitted reward model's OUTPUT/reward_model (standard checkpoint) and OUTPUT/train.json (main process)."""
     if job.main_process:
         rm.save(job.reward_model_dir)
-        atomic_write_json(job.output / "train.json", {"what": job.what, "pairs": len(job.pairs),
-                                                      "lr": job.cfg.train_rm.lr, **stats, **extra})
+        atomic_write_json(job.layout.train_record, {"what": job.what, "pairs": len(job.pairs),
+                                                    "lr": job.cfg.train_rm.lr, **stats, **extra})
 
 
 def train_bt(job: TrainJob) -> None:
@@ -128,14 +133,14 @@ def train_dpo_policy(job: TrainJob) -> None:
     policy = job.policy()
     stats = train_dpo(policy, job.pairs, cfg.rloo.beta, cfg.benchmark.dpo_epochs, cfg.benchmark.dpo_lr,
                       cfg.train_rm.batch_size, seed=cfg.seed, progress=job.progress, log=job.log)
-    save_trainable(policy, job.output / "policy_trainable.pt")
+    save_trainable(policy, job.layout.policy_trainable)
     if job.export_base is not None:
         from .export import save_policy
 
         save_policy(policy, job.output / "policy", base_dir=job.export_base,
                     metadata={"method": "dpo", "seed": cfg.seed})  # the aligned policy as a PEFT adapter directory
-    atomic_write_json(job.output / "train.json", {**stats, "beta": cfg.rloo.beta, "lr": cfg.benchmark.dpo_lr,
-                                                  "pairs": len(job.pairs)})
+    atomic_write_json(job.layout.train_record, {**stats, "beta": cfg.rloo.beta, "lr": cfg.benchmark.dpo_lr,
+                                                "pairs": len(job.pairs)})
 
 
 # ---------------------------------------------------------------------------------------------------------- methods

@@ -12,12 +12,11 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
 
-from .stats import TIE_TOL, t_interval, t_quantile
+from .stats import TIE_TOL, t_interval
 from .stats import as_1d as _as_1d
 
 
@@ -33,24 +32,6 @@ def _outcomes(diff: np.ndarray) -> np.ndarray:
     out = np.where(diff > 0, 1.0, 0.0)
     out[np.abs(diff) < TIE_TOL] = 0.5
     return out
-
-
-def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with `df` degrees of freedom (df >= 1), without scipy (stats.t_quantile)."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    return t_quantile(0.975, df)
-
-
-def pair_accuracy(chosen_scores: Any, rejected_scores: Any) -> float | None:
-    """Fraction of preference pairs with score(chosen) > score(rejected); a tie counts 0.5 (a coin flip).
-
-    None when there are no pairs.
-    """
-    c, r = _pair(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
-    if c.size == 0:
-        return None
-    return float(_outcomes(c - r).mean())
 
 
 def win_rate(scores_a: Any, scores_b: Any) -> float | None:
@@ -77,16 +58,6 @@ def pair_correct(chosen_scores: Any, rejected_scores: Any) -> list[float]:
     """Per preference pair: 1 if score(chosen) > score(rejected), 0.5 on a tie, 0 otherwise (pl_accuracy's units)."""
     c, r = _pair(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
     return _outcomes(c - r).tolist()
-
-
-def win_units(scores_a: Any, scores_b: Any, prompts: Sequence[Any]) -> tuple[list[float], list[Any]]:
-    """Per (prompt, sample index) slot: 1 if a's gold score beats b's, 0.5 on a tie, 0 otherwise; clustered by
-    prompt. Returns (values, clusters) with clusters = the prompts as given (win_rate's units)."""
-    a, b = _pair(scores_a, scores_b, "scores_a", "scores_b")
-    clusters = list(prompts)
-    if len(clusters) != a.size:
-        raise ValueError(f"prompts and scores_a differ in length ({len(clusters)} vs {a.size})")
-    return _outcomes(a - b).tolist(), clusters
 
 
 def agreement_units(rm_scores: Any, gold_scores: Any, prompts: Sequence[Any]) -> tuple[list[float], list[Any]]:
@@ -131,24 +102,6 @@ def rm_gold_agreement(rm_scores: Any, gold_scores: Any, group_ids: Sequence[Any]
     """
     values, _ = agreement_units(rm_scores, gold_scores, group_ids)
     return float(np.mean(values)) if values else None
-
-
-def aggregate_seeds(per_seed: Sequence[float | None]) -> dict:
-    """Combine one metric's value from several seeds: {"mean", "std", "n", "per_seed"}.
-
-    Seeds whose value is None (the metric did not apply there) are left out of mean and std; n counts the seeds
-    that had a value. std uses ddof=1 when n > 1 and is 0.0 when n == 1. When no seed has a value, mean and std are
-    None. per_seed is returned as given (None entries kept) so a reader can see which seeds lacked the metric.
-    """
-    kept = [float(v) for v in per_seed if v is not None]
-    out_seeds = [None if v is None else float(v) for v in per_seed]
-    if kept and not all(math.isfinite(v) for v in kept):
-        raise ValueError("per_seed contains non-finite values (NaN or inf)")
-    if not kept:
-        return {"mean": None, "std": None, "n": 0, "per_seed": out_seeds}
-    a = np.asarray(kept)
-    std = float(a.std(ddof=1)) if a.size > 1 else 0.0
-    return {"mean": float(a.mean()), "std": std, "n": int(a.size), "per_seed": out_seeds}
 
 
 def sequence_kl_estimate(logp_policy: Any, logp_ref: Any) -> float | None:

@@ -50,12 +50,6 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return logp - ref_logp
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-sample k3 estimate: (ratio - 1) - log ratio with ratio = ref/pi (unbiased, always >= 0)."""
-    log_ratio = ref_logp - logp
-    return torch.expm1(log_ratio) - log_ratio
-
-
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """A_j = R_j - mean_{i != j} R_i over the last dimension (n samples of one prompt); n >= 2."""
     n = rewards.shape[-1]

@@ -22,6 +22,7 @@ import numpy as np
 from .errors import atomic_write_bytes, atomic_write_text
 from .methods import THIS_METHOD
 from .results import Cell, Results, as_results
+from .rundir import RunLayout
 from .stats import (
     DESCRIPTIVE,
     METRIC_LABELS,
@@ -291,7 +292,7 @@ def make_plots(directory: Path, results: Results | dict) -> list[str]:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        atomic_write_bytes(directory / "plots" / name, buf.getvalue())
+        atomic_write_bytes(RunLayout(directory).plots / name, buf.getvalue())
         made.append(f"plots/{name}")
 
     if len(results.betas) >= 2 and _frontier_plot(plt, results):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import UserError, atomic_write_text, with_filename
+from .rundir import RunLayout
 
 
 def append_line(path: Path, line: str) -> None:
@@ -107,7 +108,7 @@ class MetricsLogger:
         every tensorboard / wandb metric name (e.g. "meta-test/<domain>/beta_0.1/") and recorded as "stage" in each
         metrics.jsonl line."""
         self.enabled = enabled
-        self.path = Path(directory) / "metrics.jsonl"
+        self.path = RunLayout(Path(directory)).metrics
         self.tb = self.wandb = None
         self.prefix = prefix
         project = getattr(tracking, "project", None) or "oodpl"

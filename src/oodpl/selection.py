@@ -36,11 +36,12 @@ import torch
 
 from . import methods as registry
 from .bilevel import DomainTask, inner_step_effect
-from .config import Config, dump_config, with_overrides
-from .data.split import DomainSplit, build_split
-from .errors import UserError, atomic_write_json, atomic_write_text, claim_run_dir
+from .config import Config, with_overrides
+from .data.split import DomainSplit
+from .errors import UserError, atomic_write_json, atomic_write_text
 from .models import PolicyAtInit, place
 from .objectives import pair_accuracy
+from .rundir import RunLayout, open_run
 
 CRITERIA = {"outer_loss": min, "pair_accuracy": max}
 
@@ -132,7 +133,8 @@ class _Selection:
         self.policy_at_init = PolicyAtInit(place(load_policy(cfg.policy, seed=cfg.seed), self.accelerator))
         self.policy = self.policy_at_init.get()
         self.pad = self.policy.tokenizer.pad_token_id
-        self.banks = load_or_build_banks(self.policy, split, cfg, out / "bank", self.accelerator, self.progress)
+        self.banks = load_or_build_banks(self.policy, split, cfg, RunLayout(out).bank, self.accelerator,
+                                         self.progress)
         self.queries = build_query_sets(self.policy, split, self.left_out)  # log pi_ref of the scored domains, once
         self.best: dict[str, dict] = {}
 
@@ -145,10 +147,11 @@ class _Selection:
     def init_rm(self, d: str) -> Path:
         """The fold's erm-rm with erm-rm's chosen settings: the warm start of erm-rm-extra and meta-rm."""
         path = self.out / "init" / f"fold-{d}"
-        if not (path / "reward_model" / "config.json").exists():
+        rm = RunLayout(path).reward_model
+        if not (rm / "config.json").exists():
             c = with_overrides(self.cfg, self.best.get(registry.ERM, {}), where="select")
             registry.train_bt(self.fold_job(c, d, path))
-        return path / "reward_model"
+        return rm
 
     def fold_job(self, c: Config, d: str, run: Path, warm_start: str | None = None,
                  target_prompts: bool = False) -> registry.TrainJob:
@@ -175,7 +178,7 @@ class _Selection:
         m.trainer(self.fold_job(c, d, run, m.warm_start, m.shifted_samples))
         if m.output == registry.POLICY:
             return self.score_policy(c, d)
-        rm = load_reward_checkpoint(run / "reward_model", self.cfg.reward)
+        rm = load_reward_checkpoint(RunLayout(run).reward_model, self.cfg.reward)
         place(rm, self.accelerator)
         return score_fold(self.policy_at_init.get(), rm, d, self.banks[d], self.queries[d], c, self.pad)
 
@@ -221,21 +224,20 @@ def select_hyperparameters(cfg: Config, output: str | Path, methods: list[str] |
     for m, grid in grids.items():
         candidates(cfg, grid)  # every candidate checked before anything is written
     out = Path(output)
-    with claim_run_dir(out, "select", cfg.fingerprint()) as claim:
-        split = DomainSplit.load(out / "split.json") if (out / "split.json").exists() else build_split(cfg.data)
+    with open_run(out, "select", cfg.fingerprint(), cfg) as run:
+        split = run.load_split()
         folds(cfg, sorted(split.meta_train))
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-        split.save(out / "split.json")
-        claim.commit()
-        run = _Selection(cfg, out, split)
-        chosen = {m: run.select(m, grid) for m, grid in grids.items()}
+        run.record(split)
+        run.commit()
+        study = _Selection(cfg, out, split)
+        chosen = {m: study.select(m, grid) for m, grid in grids.items()}
         lodo = {m: {d: f["outer_loss"] for d, f in next(r for r in v["candidates"]
                                                         if r["overrides"] == v["best"])["folds"].items()}
                 for m, v in chosen.items()}
-        selection = {"criterion": cfg.select.criterion, "folds": run.left_out,
+        selection = {"criterion": cfg.select.criterion, "folds": study.left_out,
                      "held_out_domains_untouched": sorted(split.held_out), "methods": chosen,
                      "lodo_outer_loss": lodo}
-        atomic_write_json(out / "selection.json", selection)
+        atomic_write_json(run.layout.selection, selection)
         atomic_write_text(out / "selection.md", render_selection(selection))
         return selection
 

@@ -20,7 +20,6 @@ learned reward against the human pairs.
 from __future__ import annotations
 
 import json
-import logging
 import multiprocessing as mp
 import os
 import tempfile
@@ -34,7 +33,6 @@ import torch
 
 from .errors import atomic_write_json
 
-log = logging.getLogger(__name__)
 
 DEFAULTS = dict(betas=(0.05, 0.1, 0.5, 1.0), inner_steps=(1, 3), outer_iters=200, seeds=3)
 QUICK = dict(betas=(0.1, 1.0), inner_steps=(1, 2), outer_iters=20, seeds=1)

@@ -12,9 +12,10 @@ from . import methods as registry
 from .config import Config
 from .data.records import read_pairs
 from .data.split import build_split
-from .errors import UserError, atomic_write_json, claim_run_dir
+from .errors import UserError, atomic_write_json
 from .models import load_reward_checkpoint, load_reward_model, place
 from .rm_train import accuracy_by_domain, split_eval
+from .rundir import open_run
 from .runlog import MetricsLogger, seed_everything
 
 
@@ -40,7 +41,7 @@ def train_rm_command(cfg: Config, output: str | Path, pairs_path: str | None = N
     if method != registry.ERM:
         fingerprint["method"] = method
     # no commit: train-rm has no resume, so a run that fails at any point leaves the directory as it found it
-    with claim_run_dir(run_dir, "train-rm", fingerprint, enabled=main):
+    with open_run(run_dir, "train-rm", fingerprint, cfg, enabled=main):
         if main and (run_dir / "metrics.json").exists():
             raise UserError(f"{run_dir} already holds a finished train-rm run; choose another --output")
         accelerator.wait_for_everyone()
@@ -77,7 +78,8 @@ def train_rm_command(cfg: Config, output: str | Path, pairs_path: str | None = N
                    "accuracy": {"held_back_pairs_per_domain": {d: sum(p.domain == d for p in held) for d in after},
                                 "before": before, "after": after,
                                 "train": accuracy_by_domain(rm, train)},
-                   "train": json.loads((job.output / "train.json").read_text()), "reward_model": str(job.reward_model_dir)}
+                   "train": json.loads(job.layout.train_record.read_text()),
+                   "reward_model": str(job.reward_model_dir)}
         if main:
             atomic_write_json(run_dir / "metrics.json", summary)
         accelerator.wait_for_everyone()

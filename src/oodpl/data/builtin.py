@@ -29,7 +29,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -468,11 +467,6 @@ def load_task(name: str, cache_dir: Path | None = None) -> tuple[list[PairRecord
         raise UserError(f"unknown built-in task {name!r}; use one of {', '.join(TASKS)}")
     root = fetch(cache_dir, quiet=False)
     return read_pairs(root / name / "pairs.jsonl"), read_prompts(root / name / "prompts.jsonl")
-
-
-def clear(cache_dir: Path | None = None) -> None:
-    """Remove the built data (downloads are kept)."""
-    shutil.rmtree(data_dir(cache_dir), ignore_errors=True)
 
 
 def manifest(cache_dir: Path | None = None) -> dict[str, Any]:

@@ -51,9 +51,7 @@ class PromptRecord:
 
 
 PAIR_FIELDS = ("domain", "prompt", "chosen", "rejected", "margin", "weight")
-PAIR_REQUIRED = ("domain", "prompt", "chosen", "rejected")
 PROMPT_FIELDS = ("domain", "prompt", "reference")
-PROMPT_REQUIRED = ("domain", "prompt")
 ALL_FIELDS = tuple(dict.fromkeys(PAIR_FIELDS + PROMPT_FIELDS))
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet", ".pq")
