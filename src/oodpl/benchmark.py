@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data.split import DomainSplit, require_oracle_pairs
-from .errors import UserError, atomic_write_json, atomic_write_text
+from .errors import UserError, atomic_write_json
 from .evaluate import (agreement, dpo_pl, gold_scores, load_samples, load_shared_reference_samples, prompt_clusters,
                        references_for, rm_pl, rm_sample_scores, sample_metrics, shared_reference_samples)
 from . import methods as registry
@@ -459,6 +459,8 @@ class Benchmark:
             bar.close()
             self.logger.close()
             results = self.collect(units, wall=time.time() - t_start)
+            from .report import write_results
+
             write_results(self.layout, results)
             return results
 
@@ -483,6 +485,8 @@ class Benchmark:
         results.provenance["wall_seconds"] = None  # the run's wall time is unknown here: see timings
         results.provenance["note"] = (f"seeds {done} of {self.cfg.benchmark.seeds}: every unit of these seeds "
                                          "had finished; the others are left out")
+        from .report import write_results
+
         write_results(self.layout.finished, results)
         return results
 
@@ -613,16 +617,6 @@ class Benchmark:
             by_method[method] = by_method.get(method, 0.0) + sec
         return {"units": unit_times, "by_stage": by_stage, "by_method": by_method,
                 "total_unit_seconds": sum(unit_times.values()), "wall_seconds_this_run": wall}
-
-
-def write_results(layout: RunLayout, results: Results) -> None:
-    """results.json, results.csv, plots/ and report.md (in that order: the report links the plots)."""
-    from .report import make_plots, render_report, write_csv
-
-    atomic_write_json(layout.results, results.to_json())
-    write_csv(layout.results_csv, results)
-    plots = make_plots(layout.root, results)
-    atomic_write_text(layout.report, render_report(results, plots, layout.root))
 
 
 def warm_start_distance(start_dir: Path | None, trained_dir: Path | None) -> dict | None:

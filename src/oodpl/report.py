@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import atomic_write_bytes, atomic_write_text
+from .errors import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .methods import THIS_METHOD
 from .results import Cell, Results, as_results
 from .rundir import RunLayout
@@ -868,6 +868,15 @@ def render_run(directory: str | Path) -> Results:
         ours = "unknown"
     results.provenance["rendered"] = (f"report.md rendered again from results.json by `oodpl report {directory}` on "
                                       f"{when} (oodpl {ours}; the numbers are the run's)")
-    write_csv(directory / "results.csv", results)
-    atomic_write_text(directory / "report.md", render_report(results, make_plots(directory, results), directory))
+    write_results(RunLayout(directory), results, results_json=False)  # the run's results.json stays as it is
     return results
+
+
+def write_results(layout: RunLayout, results: Results, results_json: bool = True) -> None:
+    """results.json (unless `results_json` is False), results.csv, plots/ and report.md, in that order: the report
+    links the plots. The benchmark's end, --finished-seeds and `oodpl report`."""
+    if results_json:
+        atomic_write_json(layout.results, results.to_json())
+    write_csv(layout.results_csv, results)
+    plots = make_plots(layout.root, results)
+    atomic_write_text(layout.report, render_report(results, plots, layout.root))
