@@ -174,9 +174,11 @@ class Benchmark:
                 for d in domains if registry.get(m).per_domain else [None]:
                     units.append((s, f"train/{m}" + (f"/{d}" if d else ""),
                                   lambda s=s, m=m, d=d, pol=pol: self.train(s, m, pol, d)))
-            if self.cfg.benchmark.diagnostics and any(registry.get(m).bilevel for m in self.methods):
-                units.append((s, "diagnose/left-out", lambda s=s, pol=pol: self.left_out(s, pol)))
-                units.append((s, "diagnose/fit", lambda s=s, pol=pol: self.fit(s, pol)))
+            if self.cfg.benchmark.diagnostics:  # left-out: every reward model's leverage; fit: the bilevel methods'
+                if any(registry.get(m).trainer is not None and not registry.get(m).per_domain for m in self.methods):
+                    units.append((s, "diagnose/left-out", lambda s=s, pol=pol: self.left_out(s, pol)))
+                if any(registry.get(m).bilevel for m in self.methods):
+                    units.append((s, "diagnose/fit", lambda s=s, pol=pol: self.fit(s, pol)))
             erm = [registry.ERM] if registry.ERM in self.methods else []  # win_rate_vs_erm needs its samples
             sample_methods = list(dict.fromkeys(["reference"] + erm + self.methods)) if self.meta_tested(s) else []
             for m in sample_methods:
@@ -274,7 +276,12 @@ class Benchmark:
         warm start phi_0 (erm-rm: where meta-rm and erm-rm-extra begin) and for every reward model that refines it,
         at the end of training. Does meta-training lower its own objective more than the BT-only control?"""
         bilevel = [m for m in self.methods if registry.get(m).bilevel]
-        record = self.score_inner_steps(s, pol, self.split, self.train_dir(s, bilevel[0]) / "bank", leverage=False)
+        split = self.split
+        n = self.cfg.benchmark.fit_domains
+        if n is not None:  # benchmark.fit_domains: the first n in name order, fixed before any run
+            split = DomainSplit(split.task, {d: split.meta_train[d] for d in sorted(split.meta_train)[:n]},
+                                split.held_out)
+        record = self.score_inner_steps(s, pol, split, self.train_dir(s, bilevel[0]) / "bank", leverage=False)
         atomic_write_json(self.sdir(s) / "fit" / "scores.json", record)
 
     def score_inner_steps(self, s: int, pol: PolicyAtInit, split: DomainSplit, bank_dir: Path,
