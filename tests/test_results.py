@@ -102,3 +102,57 @@ def test_oodpl_report_renders_the_run_again_and_says_so(run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["--quiet", "report", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _part(res: dict, methods: list[str]) -> dict:
+    """The results a run of only `methods` would have written (the same run's cells and diagnostics, cut)."""
+    part = copy.deepcopy(res)
+    part["methods"] = [m for m in res["methods"] if m in methods]
+    part["config"]["benchmark"]["methods"] = list(part["methods"])
+    part["cells"] = [c for c in res["cells"] if c["method"] in methods]
+    part["baselines"] = [m for m in res["baselines"] if m in methods]
+    part["method_notes"] = {m: v for m, v in res["method_notes"].items() if m in methods}
+    for rec in part["left_out"] + part["fit"]:
+        rec["methods"] = {m: v for m, v in rec["methods"].items() if m in methods}
+        for draws in (rec.get("leverage") or {}).values():
+            for draw in draws:
+                for m in [k for k in draw if k in res["methods"] and k not in methods]:
+                    del draw[m]
+    return part
+
+
+def test_two_parts_of_a_preset_merge_into_the_whole_and_a_mismatch_is_refused(run, tmp_path, capsys):
+    from oodpl.results import merge_results
+
+    res = stored(run)
+    base, other = _part(res, ["reference", "erm-rm", "erm-rm-extra", "meta-rm"]), _part(res, ["erm-rm", "dpo"])
+    merged = merge_results(Results.from_json(base), Results.from_json(other), "part-2").to_json()
+    assert merged["methods"] == ["reference", "erm-rm", "erm-rm-extra", "meta-rm", "dpo"]
+    key = lambda c: (c["seed"], c["domain"], c["method"])  # noqa: E731
+    assert sorted(merged["cells"], key=key) == sorted(res["cells"], key=key)  # every cell, once, as the run wrote it
+    assert merged["left_out"] == _part(res, merged["methods"])["left_out"]
+    assert "dpo" in merged["provenance"]["merged"] and "erm-rm identical" in merged["provenance"]["merged"]
+
+    bad = copy.deepcopy(other)  # a shared method that differs: the runs did not compute the same thing
+    next(c for c in bad["cells"] if c["method"] == "erm-rm")["metrics"]["pl_accuracy"] += 0.01
+    with pytest.raises(UserError, match="erm-rm's cell .* differs"):
+        merge_results(Results.from_json(base), Results.from_json(bad))
+    bad = copy.deepcopy(other)  # another setting than benchmark.methods
+    bad["config"]["rloo"]["beta"] = 0.123
+    with pytest.raises(UserError, match="configuration differs .* rloo"):
+        merge_results(Results.from_json(base), Results.from_json(bad))
+    with pytest.raises(UserError, match="shares no method"):
+        merge_results(Results.from_json(base), Results.from_json(_part(res, ["dpo"])))
+
+    # the CLI: DIR is only read, the merged run goes to --output
+    for name, part in (("a", base), ("b", other)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(part, default=_json_default))
+    assert main(["--quiet", "report", str(tmp_path / "a"), "--with", str(tmp_path / "b"),
+                 "--output", str(tmp_path / "ab")]) == 0
+    assert json.loads((tmp_path / "ab" / "results.json").read_text())["methods"] == merged["methods"]
+    assert "--with" in (tmp_path / "ab" / "report.md").read_text().splitlines()[2]
+    assert not (tmp_path / "a" / "report.md").exists()
+    capsys.readouterr()
+    assert main(["--quiet", "report", str(tmp_path / "a"), "--with", str(tmp_path / "b")]) == 2
+    assert "add --output" in capsys.readouterr().err

@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write report.md, results.csv and plots of a finished benchmark run again from "
                                        "its results.json (this version's report; nothing recomputed)")
     rp.add_argument("run_dir", metavar="DIR", help="the --output directory of a finished `oodpl benchmark`")
+    rp.add_argument("--with", dest="with_runs", nargs="+", metavar="OTHER", default=[],
+                    help="finished runs of the same configuration but benchmark.methods (a preset split in parts): "
+                         "their methods' cells are added, paired with DIR's once the methods both ran are checked "
+                         "identical; needs --output")
+    rp.add_argument("--output", "-o", help="with --with: the directory of the merged results.json, report and plots")
     sel = sub.add_parser("select", help="choose meta.* settings by leave-one-domain-out within meta-train domains")
     _config_args(sel)
 
@@ -364,11 +369,15 @@ def _cmd_benchmark(args) -> int:
 def _cmd_report(args) -> int:
     from .report import comparison_sentence, main_table, render_run
 
-    results = render_run(args.run_dir)
+    if args.with_runs and not args.output:
+        raise UserError("report --with writes the merged report elsewhere: add --output DIR (DIR's own report stays)")
+    if args.output and not args.with_runs:
+        raise UserError("report --output goes with --with OTHER; `oodpl report DIR` renders DIR's report in DIR")
+    results = render_run(args.run_dir, args.with_runs, args.output)
     print(main_table(results))
     print()
     print(comparison_sentence(results))
-    print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
+    print(f"\nreport: {Path(args.output or args.run_dir) / 'report.md'}")
     return 0
 
 

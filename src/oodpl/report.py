@@ -837,22 +837,18 @@ def main_table(results: Results | dict) -> str:
 
 
 def comparison_sentence(results: Results | dict) -> str:
-    """The primary-endpoint verdicts of meta-rm (every baseline), one per line."""
+    """The primary-endpoint verdicts of meta-rm (every baseline), one per line; of the other contenders in a run
+    without meta-rm (the field's RMs)."""
     results = as_results(results)
-    lines = verdict_lines(results, methods=["meta-rm"], metrics=PRIMARY) if "meta-rm" in _ran_methods(results) else []
-    return "\n".join(lines) or "meta-rm has no primary endpoint in common with a baseline, so nothing is compared."
+    methods = [THIS_METHOD] if THIS_METHOD in _ran_methods(results) else _contenders(results)
+    lines = verdict_lines(results, methods=methods, metrics=PRIMARY)
+    return "\n".join(lines) or f"{', '.join(methods) or 'no method'}: no primary endpoint in common with a baseline, " \
+                                "so nothing is compared."
 
 
-def render_run(directory: str | Path) -> Results:
-    """`oodpl report DIR`: report.md, results.csv and plots/ written anew from DIR/results.json by this version's
-    report code (nothing is recomputed: the numbers are the run's); the provenance says so."""
-    import datetime
-
-    from importlib.metadata import PackageNotFoundError, version
-
+def _read_run(directory: Path) -> Results:
     from .errors import UserError
 
-    directory = Path(directory)
     path = directory / "results.json"
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass the directory of a finished `oodpl benchmark` run")
@@ -860,15 +856,42 @@ def render_run(directory: str | Path) -> Results:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]}); the run's results.json is damaged") from None
-    results = as_results(data)
+    return as_results(data)
+
+
+def render_run(directory: str | Path, with_runs: list = (), output: str | Path | None = None) -> Results:
+    """`oodpl report DIR`: report.md, results.csv and plots/ written anew from DIR/results.json by this version's
+    report code (nothing is recomputed: the numbers are the run's); the provenance says so. `with_runs`
+    (`--with OTHER --output OUT`): the other runs' methods added to DIR's cells (results.merge_results, which checks
+    that they pair) and everything, results.json included, written to OUT; DIR is only read."""
+    import datetime
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .errors import UserError
+    from .results import merge_results
+
+    directory = Path(directory)
+    results = _read_run(directory)
+    for other in with_runs:
+        results = merge_results(results, _read_run(Path(other)), str(other))
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     try:
         ours = version("oodpl")
     except PackageNotFoundError:
         ours = "unknown"
-    results.provenance["rendered"] = (f"report.md rendered again from results.json by `oodpl report {directory}` on "
-                                      f"{when} (oodpl {ours}; the numbers are the run's)")
-    write_results(RunLayout(directory), results, results_json=False)  # the run's results.json stays as it is
+    what = f"oodpl report {directory}" + "".join(f" --with {o}" for o in with_runs) + (
+        f" --output {output}" if with_runs else "")
+    results.provenance["rendered"] = (f"report.md rendered again from results.json by `{what}` on "
+                                      f"{when} (oodpl {ours}; the numbers are the runs')")
+    if with_runs:
+        out = Path(output)
+        if out.resolve() == directory.resolve() or (out / "oodpl_run.json").exists():
+            raise UserError(f"--output {out}: a run's own directory; the merged report goes to a directory of its own")
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(RunLayout(out), results)
+    else:
+        write_results(RunLayout(directory), results, results_json=False)  # the run's results.json stays as it is
     return results
 
 

@@ -11,6 +11,7 @@ records of other modules (config.py, data/split.py, selection.py, runlog.py) tha
 
 from __future__ import annotations
 
+import json
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -111,3 +112,105 @@ class Results:
 def as_results(results: Results | dict[str, Any]) -> Results:
     """Results as they are; a results.json dict through Results.from_json (report.py's entry points take either)."""
     return results if isinstance(results, Results) else Results.from_json(results)
+
+
+def _same(a: Any, b: Any, rel: float = 1e-6) -> bool:
+    """Equal JSON values, floats within `rel` (the same computation, written by two runs)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return abs(a - b) <= rel * max(1.0, abs(a), abs(b))
+    return a == b
+
+
+def _without_methods(config: dict[str, Any]) -> dict[str, Any]:
+    bench = {k: v for k, v in (config.get("benchmark") or {}).items() if k != "methods"}
+    return {**config, "benchmark": bench}
+
+
+def merge_results(base: Results, other: Results, other_name: str = "the other run") -> Results:
+    """`base` with the methods only `other` ran added: one set of paired cells from two benchmark runs of one
+    protocol (an evidence preset split in parts to fit a time budget). Refused (UserError) unless both have the same
+    configuration apart from benchmark.methods (so the same split, seeds, held-out prompts and shared pi_ref samples)
+    and every method both ran has the same cells and left-out scores in both: the check that the pairing holds."""
+    if _without_methods(base.config) != _without_methods(other.config):
+        diff = sorted(k for k in set(base.config) | set(other.config)
+                      if _without_methods(base.config).get(k) != _without_methods(other.config).get(k))
+        raise UserError(f"{other_name}: its configuration differs from the base run's in {', '.join(diff)}; only "
+                        "benchmark.methods may differ between runs whose cells are paired")
+    if base.split != other.split or base.seeds != other.seeds or base.domains != other.domains:
+        raise UserError(f"{other_name}: another split or other seeds than the base run's; its cells do not pair")
+    common = [m for m in other.methods if m in base.methods]
+    new = [m for m in other.methods if m not in base.methods]
+    if not common:
+        raise UserError(f"{other_name} shares no method with the base run, so nothing shows that their cells pair")
+    key = lambda c: (c.seed, c.domain, c.method)  # noqa: E731
+    mine = {key(c): c for c in base.cells}
+    for c in other.cells:
+        if c.method in common and (key(c) not in mine or not _same(mine[key(c)].to_json(), c.to_json())):
+            raise UserError(f"{other_name}: {c.method}'s cell (seed {c.seed}, {c.domain}) differs from the base "
+                            "run's; the runs did not compute the same thing, so their cells do not pair")
+    merged = Results.from_json(base.to_json())  # a deep copy
+    order = {m: i for i, m in enumerate(base.methods + new)}
+    merged.methods = base.methods + new
+    merged.method_notes = {**base.method_notes, **{m: other.method_notes[m] for m in new if m in other.method_notes}}
+    merged.baselines = [m for m in merged.methods if m in set(base.baselines) | set(other.baselines)]
+    merged.cells = sorted(merged.cells + [Cell.from_json(c.to_json()) for c in other.cells if c.method in new],
+                          key=lambda c: (base.seeds.index(c.seed), c.domain, order[c.method]))
+    for seed_key, per in other.diagnostics.items():
+        if isinstance(per, dict):
+            merged.diagnostics.setdefault(seed_key, {}).update({m: v for m, v in per.items() if m in new})
+    for seed_key, per in other.meta_curves.items():
+        merged.meta_curves.setdefault(seed_key, {}).update({m: v for m, v in per.items() if m in new})
+    merged.selection.update({m: v for m, v in other.selection.items() if m in new})
+    merged.left_out = _merge_scored(base.left_out, other.left_out, common, new, other_name)
+    merged.fit = _merge_scored(base.fit, other.fit, common, new, other_name)
+    rows = {d: [dict(r) for r in rs] for d, rs in base.samples_table.items()}
+    for d, rs in other.samples_table.items():
+        for mine_row, row in zip(rows.get(d, []), rs):
+            if mine_row.get("prompt") == row.get("prompt"):
+                mine_row.update({m: v for m, v in row.items() if m in new})
+    merged.samples_table = rows
+    p = other.provenance
+    merged.provenance["merged"] = (f"the cells of {', '.join(new) or 'no new method'} come from `{p.get('command')}` "
+                                   f"on {p.get('date')}, wall time {float(p.get('wall_seconds') or 0) / 60:.1f} min, "
+                                   f"load {p.get('load')}; paired with this run's cells (the same configuration "
+                                   f"but benchmark.methods, checked: {', '.join(common)} identical in both)")
+    return merged
+
+
+def _merge_scored(base: list[dict], other: list[dict], common: list[str], new: list[str], other_name: str) -> list:
+    """The per-seed left-out / fit records of two runs, the new methods' scores and leverage entries added; the
+    draws both scored (headroom, the oracle, the common methods) must agree."""
+    if not other:
+        return [dict(r) for r in base]
+    if not base:
+        return [] if not new else [dict(r) for r in other]
+    by_seed = {r["seed"]: r for r in other}
+    out = []
+    for mine in base:
+        theirs = by_seed.get(mine["seed"])
+        rec = json.loads(json.dumps(mine))
+        if theirs is None:
+            out.append(rec)
+            continue
+        if rec.get("domains") != theirs.get("domains"):
+            raise UserError(f"{other_name}: its diagnostic scored other domains than the base run's")
+        for m in common:
+            if m in theirs["methods"] and not _same(theirs["methods"][m], rec["methods"].get(m)):
+                raise UserError(f"{other_name}: {m}'s diagnostic scores differ from the base run's (seed "
+                                f"{mine['seed']}); the runs did not draw the same inner batches")
+        rec["methods"].update({m: v for m, v in theirs["methods"].items() if m in new})
+        for d, draws in (theirs.get("leverage") or {}).items():
+            mine_draws = rec.get("leverage", {}).get(d)
+            if mine_draws is None or len(mine_draws) != len(draws):
+                raise UserError(f"{other_name}: its leverage draws of {d} do not match the base run's")
+            for a, b in zip(mine_draws, draws):
+                if not _same(a.get("headroom"), b.get("headroom")) or not _same(a.get("oracle"), b.get("oracle")):
+                    raise UserError(f"{other_name}: the headroom of a draw of {d} differs from the base run's; the "
+                                    "runs did not draw the same inner batches")
+                a.update({m: v for m, v in b.items() if m in new})
+        out.append(rec)
+    return out
