@@ -82,7 +82,9 @@ def sync():
 
 def _tiny(dtype="float32", layers=None, name="tiny-random"):
     from oodpl.config import PolicyConfig, RewardConfig
-    from oodpl.models import load_policy, load_reward_model, place
+    from oodpl.models.policy import load_policy
+    from oodpl.models.reward import load_reward_model
+    from oodpl.models.precision import place
 
     dev = DEV
     policy = place(load_policy(PolicyConfig(name_or_path=name, dtype=dtype, max_new_tokens=6, max_prompt_tokens=16,
@@ -96,10 +98,10 @@ PROMPTS = ["the film was", "my order came", "service here is", "i think that"]
 
 def check_meta_step_on_cuda():
     """A full meta step (bank, query pairs, inner step, JVP, RM backward) on CUDA: CUDA raises on mixed devices."""
-    from oodpl.bilevel import DomainTask, PreferenceSet, meta_gradient
+    from oodpl.core.bilevel import DomainTask, PreferenceSet, meta_gradient
     from oodpl.config import MetaConfig, RLOOConfig
-    from oodpl.metatest import optimise_policy, reward_model_fn
-    from oodpl.sampling import build_bank
+    from oodpl.adapt.metatest import optimise_policy, reward_model_fn
+    from oodpl.models.sampling import build_bank
 
     for layers in (None, 1):
         policy, rm = _tiny(layers=layers)
@@ -120,7 +122,7 @@ def check_meta_step_on_cuda():
 def check_trunk_equals_uncached_on_cuda():
     import dataclasses
 
-    from oodpl.sampling import build_bank
+    from oodpl.models.sampling import build_bank
 
     policy, _ = _tiny(layers=1, name="tiny-random-llama")
     batch = build_bank(policy, PROMPTS, n=2, seed=0).select([2, 0], policy.tokenizer.pad_token_id).batch
@@ -130,8 +132,8 @@ def check_trunk_equals_uncached_on_cuda():
 
 
 def check_bf16_precision_on_cuda():
-    from oodpl.objectives import kl_k1
-    from oodpl.sampling import build_bank, policy_logprobs
+    from oodpl.core.objectives import kl_k1
+    from oodpl.models.sampling import build_bank, policy_logprobs
 
     p32, _ = _tiny("float32")
     p16, _ = _tiny("bf16")
@@ -152,9 +154,11 @@ CHECKS = [check_meta_step_on_cuda, check_trunk_equals_uncached_on_cuda, check_bf
 
 
 def run_models(pairs: Path, policy: str, reward: str, dtype: str, work: Path, timed_steps: int) -> dict:
-    from oodpl.metatest import optimise_policy, reward_model_fn
-    from oodpl.metatrain import meta_train
-    from oodpl.models import load_policy, load_reward_model, place
+    from oodpl.adapt.metatest import optimise_policy, reward_model_fn
+    from oodpl.train.metatrain import meta_train
+    from oodpl.models.policy import load_policy
+    from oodpl.models.reward import load_reward_model
+    from oodpl.models.precision import place
 
     out = {"policy": policy, "reward": reward, "dtype": dtype}
     cfg = config(pairs, policy, reward, dtype)
@@ -184,12 +188,14 @@ def run_models(pairs: Path, policy: str, reward: str, dtype: str, work: Path, ti
 def time_meta_steps(pairs: Path, policy: str, reward: str, dtype: str, steps: int) -> dict:
     """Seconds per meta step (K = 1) at the default sizes (meta-batch 2 x 8 prompts x 4 samples, 16 query pairs, 16
     new tokens), full depth vs frozen trunk L = 4, and peak memory."""
-    from oodpl.bilevel import DomainTask, meta_gradient
+    from oodpl.core.bilevel import DomainTask, meta_gradient
     from oodpl.config import Config
     from oodpl.data.split import build_split
-    from oodpl.metatrain import build_query_sets, draw_tasks
-    from oodpl.models import load_policy, load_reward_model, place
-    from oodpl.sampling import build_bank
+    from oodpl.train.metatrain import build_query_sets, draw_tasks
+    from oodpl.models.policy import load_policy
+    from oodpl.models.reward import load_reward_model
+    from oodpl.models.precision import place
+    from oodpl.models.sampling import build_bank
 
     base = Config()
     out = {}

@@ -61,7 +61,7 @@ EOF
 cat > "$work/moved_run_loads.py" <<'EOF'
 import shutil, sys, torch
 from pathlib import Path
-from oodpl.export import load_saved_policy
+from oodpl.models.export import load_saved_policy
 work = Path(sys.argv[1])
 shutil.move(str(work / "align"), str(work / "align_moved"))
 model, tok, meta = load_saved_policy(work / "align_moved" / "policies" / "support" / "beta_0.1")
@@ -77,7 +77,7 @@ from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoTokenizer
 from trl import RewardConfig, RewardTrainer
-from oodpl.chat import PLAIN_CHAT_TEMPLATE
+from oodpl.models.chat import PLAIN_CHAT_TEMPLATE
 from oodpl.models import REWARD_ALIASES, package_file
 
 work = Path(sys.argv[1])

@@ -3,7 +3,7 @@
 
     python scripts/make_data_doc.py [--output docs/data.md]
 
-The tables come from the same code as `oodpl data stats` (oodpl.data.commands.format_stats / domain_stats).
+The tables come from the same code as `oodpl data stats` (oodpl.cli.data.format_stats / domain_stats).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from oodpl.data import builtin
-from oodpl.data.commands import format_stats
+from oodpl.cli.data import format_stats
 from oodpl.data.split import domain_stats
 from oodpl.errors import atomic_write_text
 

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from oodpl.bilevel import DemonstrationSet, DomainTask, make_preference_batch
+from oodpl.core.bilevel import DemonstrationSet, DomainTask, make_preference_batch
 from oodpl.config import PolicyConfig, RewardConfig
-from oodpl.models import load_policy, load_reward_model
-from oodpl.sampling import build_bank
+from oodpl.models.policy import load_policy
+from oodpl.models.reward import load_reward_model
+from oodpl.models.sampling import build_bank
+
+# tests/<package>/ mirror src/oodpl/; a few test modules share helpers with another package's (e.g. tiny_args of
+# train/test_metatrain.py), imported by module name, so every test folder is on the path whatever runs first
+for _folder in sorted(Path(__file__).parent.iterdir()):
+    if not _folder.is_dir() or _folder.name in ("fixtures", "__pycache__"):
+        continue
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 PROMPTS = ["the film was", "my order came", "service here is", "i think that", "the plot felt", "overall it"]
 # the prompts' human continuations: the demonstrations of meta.inner_candidates=samples+demos

@@ -37,8 +37,11 @@ def test_import_oodpl_is_light_and_exports_the_api():
 def test_meta_train_align_and_generate_from_an_in_memory_dataset(tmp_path):
     import datasets
 
-    from oodpl import align, generate, meta_train, train_reward_model
-    from oodpl.metatrain import meta_train as cli_meta_train
+    from oodpl import align
+    from oodpl import generate
+    from oodpl import meta_train
+    from oodpl import train_reward_model
+    from oodpl.train.metatrain import meta_train as cli_meta_train
 
     ds = datasets.Dataset.from_list(rows())
     summary = meta_train(tmp_path / "meta", overrides=tiny_overrides(), pairs=ds)

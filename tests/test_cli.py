@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from oodpl.cli import main
+from oodpl.cli.main import main
 
 TINY = ["--set", "policy.name_or_path=tiny-random", "--set", "reward.name_or_path=tiny-random"]
 
@@ -135,7 +135,7 @@ def test_output_dir_with_other_content_or_other_run(tmp_path, capsys):
 
 def test_train_rm_writes_checkpoint_and_per_domain_accuracy(tmp_path, capsys):
     from oodpl.config import RewardConfig
-    from oodpl.models import load_reward_model
+    from oodpl.models.reward import load_reward_model
 
     p = write_pairs(tmp_path / "pairs.jsonl", GOOD)
     out = tmp_path / "rm"
@@ -160,16 +160,16 @@ def test_every_lazy_import_of_the_cli_resolves():
     import ast
     import importlib
 
-    import oodpl.cli
+    import oodpl.cli.main
 
-    tree = ast.parse(Path(oodpl.cli.__file__).read_text())
+    tree = ast.parse(Path(oodpl.cli.main.__file__).read_text())
     checked = 0
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            module = importlib.import_module(f"oodpl.{node.module}")
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("oodpl"):
+            module = importlib.import_module(node.module)
             for alias in node.names:
-                if not hasattr(module, alias.name):  # a submodule (from .data import commands)
-                    importlib.import_module(f"oodpl.{node.module}.{alias.name}")
+                if not hasattr(module, alias.name):  # a submodule (from oodpl.cli import data)
+                    importlib.import_module(f"{node.module}.{alias.name}")
                 checked += 1
     assert checked >= 10
 
@@ -191,7 +191,7 @@ def test_config_show_effective_values_and_full_meanings(capsys):
 def test_progress_lines_for_model_loading_and_quiet(tmp_path, capsys):
     """Loading a model says so on stderr (with its time); --quiet says nothing but errors."""
     from oodpl.config import RewardConfig
-    from oodpl.models import load_reward_model
+    from oodpl.models.reward import load_reward_model
 
     rm = load_reward_model(RewardConfig(name_or_path="tiny-random"))
     rm.save(tmp_path / "rm")
@@ -212,7 +212,7 @@ def test_quiet_silences_every_library_bar_even_with_debug(tmp_path):
 
     script = (
         "import sys\n"
-        "from oodpl.cli import _quiet_libraries\n"
+        "from oodpl.cli.main import _quiet_libraries\n"
         "_quiet_libraries(debug=True, quiet=True)\n"
         "import torch\n"
         "from transformers import BertConfig, BertForSequenceClassification\n"

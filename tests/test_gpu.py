@@ -32,7 +32,7 @@ import sys
 for m in {MISSING_ON_GPU!r}:
     sys.modules[m] = None
 sys.path[:0] = [{str(ROOT / 'src')!r}, {str(ROOT / 'scripts')!r}]
-import oodpl.cli, oodpl.metatrain, oodpl.metatest, oodpl.bilevel, oodpl.trunk, oodpl.sampling
+import oodpl.cli.main, oodpl.train.metatrain, oodpl.adapt.metatest, oodpl.core.bilevel, oodpl.models.trunk, oodpl.models.sampling
 import gpu_smoke
 from oodpl.data.split import build_split
 from pathlib import Path

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_models
-from oodpl.sampling import collate, encode_prompts, encode_responses, policy_logprobs
+from oodpl.models.sampling import collate, encode_prompts, encode_responses, policy_logprobs
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -34,7 +34,7 @@ def test_saved_adapter_loads_with_peft_alone_and_matches(tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oodpl.export import POLICY_META, save_policy
+    from oodpl.models.export import POLICY_META, save_policy
 
     policy = _perturbed_policy()
     out = save_policy(policy, tmp_path / "policy", merge=True, metadata={"domain": "d", "beta_test": 0.1})
@@ -64,7 +64,7 @@ def test_saved_adapter_loads_with_peft_alone_and_matches(tmp_path):
 def test_full_finetuned_policy_saved_as_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from oodpl.export import save_policy
+    from oodpl.models.export import save_policy
 
     policy = _perturbed_policy(trainable="full")
     out = save_policy(policy, tmp_path / "full")
@@ -77,8 +77,8 @@ def test_full_finetuned_policy_saved_as_model(tmp_path):
 
 def test_generate_from_saved_policy_and_base(tmp_path):
     from oodpl.config import load_config
-    from oodpl.export import save_policy
-    from oodpl.generate import generate_command
+    from oodpl.models.export import save_policy
+    from oodpl.adapt.generate import generate_command
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml")
     policy = _perturbed_policy()
@@ -94,7 +94,7 @@ def test_generate_from_saved_policy_and_base(tmp_path):
 
 def test_tracking_config_names_project_run_and_log_dir(tmp_path):
     from oodpl.config import TrackingConfig
-    from oodpl.runlog import MetricsLogger
+    from oodpl.runtime.runlog import MetricsLogger
 
     tracking = TrackingConfig(project="p", run_name="my-run", log_dir=str(tmp_path / "tb"))
     logger = MetricsLogger(tmp_path / "run", ["tensorboard"], tracking=tracking, stage="meta-test")
@@ -110,10 +110,10 @@ def test_tracking_config_names_project_run_and_log_dir(tmp_path):
 
 
 def test_cli_frictions(tmp_path, capsys):
-    from oodpl.cli import build_parser, main
-    from oodpl.confdoc import settings_table
+    from oodpl.cli.main import build_parser, main
+    from oodpl.cli.confdoc import settings_table
     from oodpl.errors import UserError
-    from oodpl.judges import make_judge
+    from oodpl.evaluation.judges import make_judge
 
     # --quiet / --debug after the subcommand
     assert main(["data", "validate", str(FIX / "hh_rlhf_sample.jsonl"), "--quiet"]) == 0
@@ -167,7 +167,7 @@ def test_usage_md_journey(tmp_path, monkeypatch):
     (prompts-only, hh-rlhf-shaped) domain -> generate with the saved adapter -> evaluate."""
     import shlex
 
-    from oodpl.cli import main
+    from oodpl.cli.main import main
 
     root = Path(__file__).parents[1]
     _journey_files(tmp_path, root)
@@ -203,7 +203,7 @@ def test_usage_md_coming_from_trl(tmp_path, monkeypatch):
     peft_config, trained here on a tiny model) and TRL conversational multi-turn data with system messages."""
     import shlex
 
-    from oodpl.cli import main
+    from oodpl.cli.main import main
     from test_trl_lora_rm import train_trl_lora_reward_model
 
     root = Path(__file__).parents[1]
@@ -229,7 +229,7 @@ def test_usage_md_coming_from_trl(tmp_path, monkeypatch):
 
 
 def test_prompt_only_held_out_domain_in_the_split_and_bad_prompts_file(tmp_path):
-    from oodpl.cli import main
+    from oodpl.cli.main import main
     from oodpl.config import DataConfig
     from oodpl.data.records import PairRecord, PromptRecord
     from oodpl.data.split import held_out_from_prompts, split_records
@@ -265,7 +265,7 @@ def test_moved_run_directory_still_loads_with_peft_and_transformers(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from oodpl.export import load_saved_policy, save_policy
+    from oodpl.models.export import load_saved_policy, save_policy
 
     policy = _perturbed_policy()
     _, rm = tiny_models("float32")
@@ -297,8 +297,8 @@ def test_default_policy_adapter_records_the_hub_id_of_its_package_model(tmp_path
     """The default policy's adapter names a base that resolves on any machine (its hub id), not a cache path."""
     import dataclasses
 
-    from oodpl.export import POLICY_META, save_policy
-    from oodpl.models import POLICY_HUB_IDS
+    from oodpl.models.export import POLICY_META, save_policy
+    from oodpl.models.sources import POLICY_HUB_IDS
 
     policy = _perturbed_policy()
     policy.config = dataclasses.replace(policy.config, name_or_path="smollm2-135m-instruct")
@@ -315,7 +315,7 @@ def test_lora_dropout_dora_and_peft_config_pass_through():
 
     from oodpl.config import PolicyConfig
     from oodpl.errors import UserError
-    from oodpl.models import load_policy
+    from oodpl.models.policy import load_policy
 
     base = PolicyConfig(name_or_path="tiny-random", lora_r=2, lora_alpha=4)
     cfg = dataclasses.replace(base, lora_dropout=0.1, use_dora=True, peft_config={"rank_pattern": {"c_attn": 3}})

@@ -19,9 +19,9 @@ import json
 import os
 from typing import Any, Iterable
 
-from .config import Config, load_config, with_overrides
-from .data.records import PairRecord, PromptRecord, record_to_dict
-from .errors import UserError, atomic_write_text
+from oodpl.config import Config, load_config, with_overrides
+from oodpl.data.records import PairRecord, PromptRecord, record_to_dict
+from oodpl.errors import UserError, atomic_write_text
 
 Data = Any  # a path, datasets.Dataset, pandas.DataFrame, or an iterable of dicts / PairRecord / PromptRecord
 
@@ -39,7 +39,7 @@ def data_path(data: Data, kind: str) -> str:
     """A path for `data`: a path as given; in-memory rows written once to the data cache as JSONL (by content)."""
     if isinstance(data, (str, os.PathLike)):
         return str(data)
-    from .models import cache_dir
+    from oodpl.models.sources import cache_dir
 
     if hasattr(data, "to_dict") and not hasattr(data, "to_list"):  # pandas.DataFrame
         data = data.to_dict("records")
@@ -81,7 +81,7 @@ def meta_train(output: str | os.PathLike, config: Config | str | None = None, *,
                init_reward_model: str | os.PathLike | None = None) -> dict:
     """`oodpl meta-train`: the general reward model, meta-trained over the meta-train domains of `pairs` (default:
     the config's data). Returns the run summary; summary["reward_model"] is a Hugging Face checkpoint directory."""
-    from .metatrain import meta_train as _run
+    from oodpl.train.metatrain import meta_train as _run
 
     cfg = _with_data(as_config(config, overrides), pairs, prompts, columns, domain)
     return _run(cfg, output, resume=resume, init_reward_model=init_reward_model)
@@ -92,7 +92,7 @@ def train_reward_model(output: str | os.PathLike, config: Config | str | None = 
                        overrides: dict[str, Any] | None = None) -> dict:
     """`oodpl train-rm`: a reward model by a stand-alone method of the registry (default erm-rm, Bradley-Terry) on
     `pairs` (default: the config's meta-train domains); per-domain accuracy on held-back pairs before and after."""
-    from .train_rm_cmd import train_rm_command
+    from oodpl.experiment.train_rm import train_rm_command
 
     cfg = _with_data(as_config(config, overrides), None, None, columns, domain)
     return train_rm_command(cfg, output, None if pairs is None else data_path(pairs, "pairs"), cfg.data.columns,
@@ -105,7 +105,7 @@ def align(output: str | os.PathLike, config: Config | str | None = None, reward_
     """`oodpl meta-test`: align the policy on new domains with a frozen reward model (any sequence-classification
     checkpoint). `prompts`: the target domains' prompts (no labels), else the config's held-out domains. Returns the
     index of the aligned policies (PEFT adapter directories) and their samples."""
-    from .metatest import meta_test_command
+    from oodpl.adapt.metatest import meta_test_command
 
     if not str(reward_model):
         raise UserError("align: pass reward_model, a reward-model checkpoint directory (e.g. a meta_train summary's "
@@ -122,7 +122,7 @@ def generate(output: str | os.PathLike, config: Config | str | None = None, *, p
              overrides: dict[str, Any] | None = None) -> dict:
     """`oodpl generate`: responses of an aligned policy (adapter or model directory; default the base policy) to
     `prompts`, written to the JSONL file `output`."""
-    from .generate import generate_command
+    from oodpl.adapt.generate import generate_command
 
     cfg = as_config(config, overrides)
     return generate_command(cfg, None if policy is None else str(policy), data_path(prompts, "prompts"), str(output),
@@ -133,7 +133,7 @@ def generate(output: str | os.PathLike, config: Config | str | None = None, *, p
 def benchmark(output: str | os.PathLike, config: Config | str | None = None, *,
               overrides: dict[str, Any] | None = None) -> dict:
     """`oodpl benchmark`: every method of cfg.benchmark.methods x held-out domain x seed; returns results.json."""
-    from .benchmark import run_benchmark
+    from oodpl.experiment.benchmark import run_benchmark
 
     return run_benchmark(as_config(config, overrides), output).to_json()
 
@@ -141,6 +141,6 @@ def benchmark(output: str | os.PathLike, config: Config | str | None = None, *,
 def leverage_study(output: str | os.PathLike, config: Config | str | None = None, *, domains: list[str] | None = None,
                    draws: int = 3, overrides: dict[str, Any] | None = None) -> dict:
     """`oodpl diagnose leverage`: headroom, oracle drop and alignment per setting on meta-train domains."""
-    from .leverage_study import run_leverage_study
+    from oodpl.experiment.leverage_study import run_leverage_study
 
     return run_leverage_study(as_config(config, overrides), output, domains, draws)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from .errors import UserError, decode_strict
+from oodpl.errors import UserError, decode_strict
 
 
 @dataclass
@@ -75,7 +75,7 @@ class PolicyConfig:
     chat_template: bool | str = "auto"
     dtype: str = "float32"
     # adapters on the top L decoder layers only (null / 0: every layer); the frozen layers below are computed once per
-    # fixed sequence and cached (oodpl.trunk)
+    # fixed sequence and cached (oodpl.models.trunk)
     trainable_layers: int | None = None
     # recompute each decoder layer in the backward pass of first-order passes (transformers' gradient checkpointing,
     # use_reentrant=False): less activation memory, one more forward; second-order passes (JVP, unrolled) never do
@@ -543,7 +543,7 @@ def validate_config(cfg: Config, sources: dict[str, str] | None = None) -> None:
         fail("meta.hypergrad", cfg.meta.hypergrad,
              "one-step is exact only for meta.inner_steps=1; use truncated or unrolled")
     if cfg.tracking.run_name is not None:  # a tensorboard directory under tracking.log_dir
-        from .paths import name_problem
+        from oodpl.paths import name_problem
 
         problem = name_problem(cfg.tracking.run_name)
         if problem:

@@ -12,7 +12,7 @@ import os
 import unicodedata
 from pathlib import Path
 
-from .errors import UserError
+from oodpl.errors import UserError
 
 MAX_NAME_BYTES = 120  # a name plus our suffixes (beta_0.1, .pt, .json) stays under the usual 255-byte limit
 # control characters, surrogates (not encodable as a file name), line and paragraph separators

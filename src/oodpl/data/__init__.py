@@ -3,8 +3,8 @@
 See docs/data.md for the built-in domains and the pairing rules.
 """
 
-from .records import PairRecord, PromptRecord, read_pairs, read_prompts, write_jsonl
-from .split import DomainSplit, HeldOutDomain, MetaTrainDomain, build_split, domain_stats
+from oodpl.data.records import PairRecord, PromptRecord, read_pairs, read_prompts, write_jsonl
+from oodpl.data.split import DomainSplit, HeldOutDomain, MetaTrainDomain, build_split, domain_stats
 
 __all__ = [
     "PairRecord",

@@ -40,8 +40,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import UserError, atomic_directory, atomic_write_json, sha256_file
-from .records import PairRecord, PromptRecord, read_pairs, read_prompts, write_jsonl
+from oodpl.errors import UserError, atomic_directory, atomic_write_json, sha256_file
+from oodpl.data.records import PairRecord, PromptRecord, read_pairs, read_prompts, write_jsonl
 
 DATA_VERSION = "builtin-v1"  # bump when the build rules change: a new cache directory is built
 PROMPT_WORDS = 4  # words of a text that form the prompt (sentiment task)

@@ -20,14 +20,13 @@ Both return (pairs, prompts); prompts are the distinct prompts per domain.
 
 from __future__ import annotations
 
-import math
 import random
 import re
-from typing import Any, Iterable
+from typing import Any
 
-from ..errors import UserError
-from .records import ALTERNATIVES, PairRecord, PromptRecord, require_hub
-from .split import prompts_from_pairs
+from oodpl.errors import UserError
+from oodpl.data.records import (ALTERNATIVES, PairRecord, PromptRecord, need_fields, prompts_from_pairs, require_hub,
+                                shp_pairs, shp_subreddit)
 
 SHP_ID = "stanfordnlp/SHP"
 AMAZON_ID = "McAuley-Lab/Amazon-Reviews-2023"
@@ -37,15 +36,6 @@ def _rows(data: Any) -> list[dict]:
     if hasattr(data, "to_list"):
         return data.to_list()
     return [dict(r) for r in data]
-
-
-def _need(row: dict, keys: Iterable[str], where: str) -> None:
-    missing = [k for k in keys if k not in row]
-    if missing:
-        raise UserError(
-            f"{where}: missing field {missing[0]!r}; the row has {', '.join(map(str, row))}; "
-            "expected the published schema of the dataset (see oodpl.data.hub)"
-        )
 
 
 def _load(repo: str, what: str, **kwargs: Any) -> list[dict]:
@@ -60,14 +50,10 @@ def _load(repo: str, what: str, **kwargs: Any) -> list[dict]:
         ) from None
 
 
-def _subreddit(domain: str) -> str:
-    return re.sub(r"_(train|validation|test)$", "", domain.strip().lower())
-
-
 def load_shp(split: str = "train", subreddits: list[str] | None = None, min_score_ratio: float | None = None,
              data: Any = None) -> tuple[list[PairRecord], list[PromptRecord]]:
     """Stanford Human Preferences as (pairs, prompts); one domain `shp_<subreddit>` per subreddit."""
-    wanted = {_subreddit(s).removeprefix("shp_") for s in subreddits} if subreddits else None
+    wanted = {shp_subreddit(s).removeprefix("shp_") for s in subreddits} if subreddits else None
     if data is None:
         if wanted:
             rows = []
@@ -77,29 +63,7 @@ def load_shp(split: str = "train", subreddits: list[str] | None = None, min_scor
             rows = _load(SHP_ID, "Stanford Human Preferences", split=split)
     else:
         rows = _rows(data)
-    pairs = []
-    for i, row in enumerate(rows):
-        where = f"SHP row {i}"
-        _need(row, ("domain", "history", "human_ref_A", "human_ref_B", "labels"), where)
-        sub = _subreddit(str(row["domain"]))
-        if wanted is not None and sub not in wanted:
-            continue
-        ratio = row.get("score_ratio")
-        ratio = float(ratio) if ratio is not None else None
-        if min_score_ratio is not None and (ratio is None or ratio < min_score_ratio):
-            continue
-        a, b = str(row["human_ref_A"]), str(row["human_ref_B"])
-        if not str(row["history"]).strip() or not a.strip() or not b.strip() or a.strip() == b.strip():
-            continue
-        chosen, rejected = (a, b) if int(row["labels"]) == 1 else (b, a)
-        margin = math.log(ratio) if ratio and ratio > 0 else None
-        pairs.append(PairRecord(domain=f"shp_{sub}", prompt=str(row["history"]), chosen=chosen, rejected=rejected,
-                                margin=margin))
-    if not pairs:
-        raise UserError(
-            f"SHP: no pairs left (subreddits={sorted(wanted) if wanted else 'all'}, "
-            f"min_score_ratio={min_score_ratio}); check the subreddit names or lower min_score_ratio"
-        )
+    pairs = shp_pairs(rows, wanted, min_score_ratio)
     return pairs, prompts_from_pairs(pairs)
 
 
@@ -138,7 +102,7 @@ def load_amazon_reviews(categories: list[str] | None = None, data: Any = None, m
         by_cat = {k: _rows(v) for k, v in data.items()}
     else:
         for i, row in enumerate(_rows(data)):
-            _need(row, ("category",), f"Amazon reviews row {i}")
+            need_fields(row, ("category",), f"Amazon reviews row {i}")
             by_cat.setdefault(str(row["category"]), []).append(row)
     if categories:
         wanted = {_category_slug(c) for c in categories}
@@ -149,7 +113,7 @@ def load_amazon_reviews(categories: list[str] | None = None, data: Any = None, m
         readable = cat.replace("_", " ")
         products: dict[str, list[dict]] = {}
         for i, row in enumerate(by_cat[cat][: max_reviews_per_category or None]):
-            _need(row, ("rating", "text", "parent_asin"), f"Amazon reviews {cat} row {i}")
+            need_fields(row, ("rating", "text", "parent_asin"), f"Amazon reviews {cat} row {i}")
             if _review_text(row):
                 products.setdefault(str(row["parent_asin"]), []).append(row)
         rng = random.Random(f"{seed}:{slug}")

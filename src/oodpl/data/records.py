@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import urlparse
 
-from ..chat import from_json as chat_from_json
-from ..chat import to_json as chat_to_json
-from ..errors import UserError, atomic_write_text, decode_strict
-from ..paths import safe_name
+from oodpl.data.conversation import ROLES, Conversation
+from oodpl.data.conversation import from_json as chat_from_json
+from oodpl.data.conversation import to_json as chat_to_json
+from oodpl.errors import UserError, atomic_write_text, decode_strict
+from oodpl.paths import safe_name
 
 
 @dataclass
@@ -389,6 +390,57 @@ def _number(where: str, row: dict, field: str, col: str | None) -> float | None:
 
 SHAPES = ("standard (prompt, chosen and rejected strings), implicit prompt (chosen and rejected full texts that start "
           "with the same prompt), or conversational (lists of {\"role\", \"content\"} messages)")
+def prompts_from_pairs(pairs: list[PairRecord]) -> list[PromptRecord]:
+    """The distinct (domain, prompt) of `pairs`, in first-seen order, without references."""
+    seen: dict[tuple[str, str], None] = {}
+    for p in pairs:
+        seen.setdefault((p.domain, p.prompt), None)
+    return [PromptRecord(domain=d, prompt=x) for d, x in seen]
+
+
+def need_fields(row: dict, keys: Iterable[str], where: str) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise UserError(
+            f"{where}: missing field {missing[0]!r}; the row has {', '.join(map(str, row))}; "
+            "expected the published schema of the dataset (see oodpl.data.hub)"
+        )
+
+
+def shp_subreddit(domain: str) -> str:
+    return re.sub(r"_(train|validation|test)$", "", domain.strip().lower())
+
+
+def shp_pairs(rows: list[dict], wanted: set[str] | None = None, min_score_ratio: float | None = None,
+              ) -> list[PairRecord]:
+    """Stanford Human Preferences rows (the schema in data.hub) as pairs, one domain `shp_<subreddit>` each;
+    `wanted`: the subreddits kept (all when None). Empty or identical comments are skipped."""
+    pairs = []
+    for i, row in enumerate(rows):
+        where = f"SHP row {i}"
+        need_fields(row, ("domain", "history", "human_ref_A", "human_ref_B", "labels"), where)
+        sub = shp_subreddit(str(row["domain"]))
+        if wanted is not None and sub not in wanted:
+            continue
+        ratio = row.get("score_ratio")
+        ratio = float(ratio) if ratio is not None else None
+        if min_score_ratio is not None and (ratio is None or ratio < min_score_ratio):
+            continue
+        a, b = str(row["human_ref_A"]), str(row["human_ref_B"])
+        if not str(row["history"]).strip() or not a.strip() or not b.strip() or a.strip() == b.strip():
+            continue
+        chosen, rejected = (a, b) if int(row["labels"]) == 1 else (b, a)
+        margin = math.log(ratio) if ratio and ratio > 0 else None
+        pairs.append(PairRecord(domain=f"shp_{sub}", prompt=str(row["history"]), chosen=chosen, rejected=rejected,
+                                margin=margin))
+    if not pairs:
+        raise UserError(
+            f"SHP: no pairs left (subreddits={sorted(wanted) if wanted else 'all'}, "
+            f"min_score_ratio={min_score_ratio}); check the subreddit names or lower min_score_ratio"
+        )
+    return pairs
+
+
 SHP_COLUMNS = ("history", "human_ref_A", "human_ref_B", "labels")
 
 
@@ -421,9 +473,7 @@ def _content(where: str, col: str, message: dict) -> str:
 
 def _prompt_from_messages(where: str, col: str, messages: list) -> "Conversation":
     """A prompt conversation (system, user, assistant, tool turns; it must not be empty), kept as messages: the
-    policy's and the reward model's chat templates render it downstream (oodpl.chat)."""
-    from ..chat import ROLES, Conversation
-
+    policy's and the reward model's chat templates render it downstream (oodpl.models.chat)."""
     roles = [str(m.get("role")) for m in messages]
     bad = [r for r in roles if r not in ROLES]
     if bad:
@@ -504,17 +554,11 @@ def _present(rows: list[tuple[str, dict]]) -> set:
     return present
 
 
-def _shp_pairs(label: str, rows: list[tuple[str, dict]]) -> list[PairRecord]:
-    from .hub import load_shp
-
-    return load_shp(data=[row for _, row in rows])[0]
-
-
 def _pairs_from_rows(label: str, rows: list[tuple[str, dict]], columns: dict[str, str] | None,
                      domain: str | None) -> list[PairRecord]:
     present = _present(rows)
     if not columns and "chosen" not in present and all(c in present for c in SHP_COLUMNS):
-        return _shp_pairs(label, rows)
+        return shp_pairs([row for _, row in rows])
     m = _resolve_columns(label, rows, PAIR_FIELDS, ("chosen", "rejected"), columns)
     _check_mapping(label, m)
     fixed = None if "domain" in m else default_domain(label, domain)

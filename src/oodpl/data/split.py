@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig
-from ..errors import UserError, atomic_write_json
-from ..paths import safe_name
-from .records import PairRecord, PromptRecord, read_pairs, read_prompts, record_json_factory
+from oodpl.config import DataConfig
+from oodpl.errors import UserError, atomic_write_json
+from oodpl.paths import safe_name
+from oodpl.data.records import (PairRecord, PromptRecord, prompts_from_pairs, read_pairs, read_prompts,
+                                record_json_factory)
 
 MIN_PAIRS = 2
 MIN_PROMPTS = 1
@@ -147,7 +148,7 @@ def load_records(cfg: DataConfig) -> tuple[list[PairRecord], list[PromptRecord]]
         else:
             prompts = prompts_from_pairs(pairs)
         return pairs, prompts
-    from . import builtin
+    from oodpl.data import builtin
 
     if cfg.task not in builtin.TASKS:
         raise UserError(
@@ -156,17 +157,9 @@ def load_records(cfg: DataConfig) -> tuple[list[PairRecord], list[PromptRecord]]
     return builtin.load_task(cfg.task)
 
 
-def prompts_from_pairs(pairs: list[PairRecord]) -> list[PromptRecord]:
-    """The distinct (domain, prompt) of `pairs`, in first-seen order, without references."""
-    seen: dict[tuple[str, str], None] = {}
-    for p in pairs:
-        seen.setdefault((p.domain, p.prompt), None)
-    return [PromptRecord(domain=d, prompt=x) for d, x in seen]
-
-
 def default_held_out_for(task: str, domains: list[str]) -> list[str]:
     """Built-in tasks: their fixed list. Files: every third domain in name order (the last one when only two)."""
-    from . import builtin
+    from oodpl.data import builtin
 
     if task in builtin.TASKS:
         return builtin.default_held_out(task)
@@ -452,3 +445,8 @@ def held_out_from_prompts(prompts: list[PromptRecord], cfg: DataConfig) -> Domai
     if not split.held_out:
         raise UserError("the prompts file holds no prompts")
     return split
+
+
+def load_or_build_split(path: Path | None, data: "DataConfig") -> "DomainSplit":
+    """The split stored at `path` (a run being resumed, or the run whose files are read), else built from `data`."""
+    return DomainSplit.load(path) if path is not None and path.exists() else build_split(data)
