@@ -7,8 +7,9 @@ pi_ref: win rates near 0.5 and gold at matched KL undefined say nothing about th
 evidence runs, this study runs the meta-test itself (adapt.metatest.optimise_policy, unchanged) on meta-train
 domains, with the domain's support prompts as its adaptation prompts and each domain's leave-one-domain-out erm-rm
 (BT on the other meta-train domains' pairs: the RM has not seen the domain, as on a held-out one), for every learning
-rate of a grid and every beta_test of the config, and records at every step the KL of the policy's own samples to
-pi_ref, its RM reward and the gold judge's score of those samples (monitored only: nothing is chosen by it).
+rate of a grid and every beta_test of the config, and records at every step the KL of the policy to pi_ref on its own
+samples (models.sampling.sequence_kl), their RM reward and the gold judge's score of them (monitored only: nothing is
+chosen by it).
 
 The choice, fixed before any run and made on KL alone: the cheapest setting (fewest steps, then the smallest lr)
 whose median KL over the study domains at the smallest beta_test reaches `target_kl` nats. No held-out domain is
@@ -71,8 +72,10 @@ def reach_unit(cfg: Config, policy, rm, judge, split, d: str, lr: float, beta: f
 
 
 def summarise(units: list[dict], checkpoints: list[int]) -> list[dict]:
-    """Per (lr, beta): at each checkpoint step, the median KL over domains, the per-domain KLs, and the mean gains of
-    the RM reward and the gold score over step 0 (pi_ref's samples)."""
+    """Per (lr, beta): at each checkpoint step, the median KL over domains, the per-domain KLs, and the mean RM reward
+    and gold score of that step's samples. A step's prompts are drawn by the optimiser's seed, the same for every lr
+    and beta of a domain: values at one step compare across settings (same prompts, same sampler seeds), not across
+    steps (other prompts)."""
     rows = []
     for lr in sorted({u["lr"] for u in units}):
         for beta in sorted({u["beta"] for u in units}):
@@ -81,8 +84,8 @@ def summarise(units: list[dict], checkpoints: list[int]) -> list[dict]:
             for s in checkpoints:
                 at[str(s)] = {"kl_median": float(np.median([u["kl"][s] for u in us])),
                               "kl": {u["domain"]: u["kl"][s] for u in us},
-                              "reward_gain": float(np.mean([u["reward"][s] - u["reward"][0] for u in us])),
-                              "gold_gain": float(np.mean([u["gold"][s] - u["gold"][0] for u in us]))}
+                              "reward": float(np.mean([u["reward"][s] for u in us])),
+                              "gold": float(np.mean([u["gold"][s] for u in us]))}
             rows.append({"lr": lr, "beta": beta, "domains": len(us), "at": at,
                          "seconds": float(sum(u["seconds"] for u in us))})
     return rows
@@ -119,14 +122,15 @@ def render(study: dict) -> str:
         "(sum over response tokens of the exact next-token KL along each sample's prefix: models.sampling.sequence_kl; "
         "it is never negative and has far less variance than the mean of log pi - log pi_ref the benchmark's kl "
         "column uses, which is recorded beside it in reach.json); "
-        "in brackets the mean gains over pi_ref of the RM's reward and the gold judge's score of those samples "
-        "(monitored, never used to choose).", "",
+        "in brackets the mean RM reward (raw) and gold score of those samples over the domains (monitored, never used "
+        "to choose). A step's prompts are the same for every lr and beta_test (the optimiser's seed draws them): "
+        "compare settings down a column; along a row the prompts change.", "",
         "| lr | beta_test | " + " | ".join(f"s = {s}" for s in marks) + " | seconds |",
         "|---|---|" + "---|" * len(marks) + "---|",
     ]
     for r in rows:
-        cells = [f"{r['at'][str(s)]['kl_median']:.3f} (rm {r['at'][str(s)]['reward_gain']:+.2f}, gold "
-                 f"{r['at'][str(s)]['gold_gain']:+.3f})" for s in marks]
+        cells = [f"{r['at'][str(s)]['kl_median']:.3f} (rm {r['at'][str(s)]['reward']:.2f}, gold "
+                 f"{r['at'][str(s)]['gold']:.3f})" for s in marks]
         lines.append(f"| {r['lr']:g} | {r['beta']:g} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
     lines.append("")
     chosen, target = study["chosen"], study["target_kl"]
