@@ -192,13 +192,21 @@ def test_meta_test_reach_on_tiny_models(tmp_path, capsys):
     big = rows[(0.1, 0.05)]["at"]["3"]
     assert big["kl_median"] == pytest.approx(float(np.median(list(big["kl"].values()))))
     assert big["kl_median"] > rows[(0.001, 0.05)]["at"]["3"]["kl_median"]  # a 100x larger step moves further
-    # the choice: fewest steps first, then the smallest lr, at the smallest beta_test, by KL alone
+    # the choice: the smallest lr reaching the target within the budget, at its first such step, at the smallest
+    # beta_test, by KL alone
     fake = [{"lr": 0.1, "beta": 0.05, "at": {"1": {"kl_median": 2.0}, "3": {"kl_median": 5.0}}},
             {"lr": 0.01, "beta": 0.05, "at": {"1": {"kl_median": 0.2}, "3": {"kl_median": 1.5}}},
-            {"lr": 0.01, "beta": 0.5, "at": {"1": {"kl_median": 9.0}, "3": {"kl_median": 9.0}}}]
-    assert choose(fake, 1.0) == {"steps": 1, "lr": 0.1, "beta": 0.05, "kl_median": 2.0}
+            {"lr": 0.001, "beta": 0.5, "at": {"1": {"kl_median": 9.0}, "3": {"kl_median": 9.0}}}]
+    assert choose(fake, 1.0) == {"steps": 3, "lr": 0.01, "beta": 0.05, "kl_median": 1.5}
+    assert choose(fake, 1.0, budget=2) == {"steps": 1, "lr": 0.1, "beta": 0.05, "kl_median": 2.0}
     assert choose(fake, 3.0) == {"steps": 3, "lr": 0.1, "beta": 0.05, "kl_median": 5.0}
     assert choose(fake, 10.0) is None
+    chosen = study["chosen"]
+    assert study["budget_steps"] == 3 and chosen["beta"] == 0.05 and chosen["kl_median"] >= 1e-6
+    assert chosen["kl_median"] == rows[(chosen["lr"], 0.05)]["at"][str(chosen["steps"])]["kl_median"]
+    for (lr, beta), r in rows.items():  # no smaller lr got there
+        if beta == 0.05 and lr < chosen["lr"]:
+            assert all(a["kl_median"] < 1e-6 for a in r["at"].values())
     # a meta-test of 2 steps at lr 0.1 is the study's step-2 policy: the same samples, the same KL
     from oodpl.adapt.metatest import optimise_policy, reference_reward_scale, reward_model_fn, load_policy_samples
     from oodpl.config import load_config

@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     reach.add_argument("--steps", type=int, help="meta-test steps (default: 4x the config's, at least 24)")
     reach.add_argument("--target-kl", type=float, default=1.0,
                        help="the median KL (nats) at the smallest beta_test the chosen setting must reach (default 1)")
+    reach.add_argument("--budget-steps", type=int,
+                       help="the most meta-test steps the chosen setting may take (default: --steps)")
     sub.add_parser("methods", help="list the methods of the benchmark (what each trains, its warm start, tuning)")
     th = sub.add_parser("theory", help="convergence experiment on the toy problem (results.json + plot)")
     th.add_argument("--output", "-o", required=True)
@@ -414,7 +416,8 @@ def _cmd_diagnose(args) -> int:
     if args.diagnose_command == "meta-test":
         from oodpl.experiment.meta_test_reach import run_meta_test_reach
 
-        run_meta_test_reach(_load_cfg(args), args.output, args.domains, args.lrs, args.steps, args.target_kl)
+        run_meta_test_reach(_load_cfg(args), args.output, args.domains, args.lrs, args.steps, args.target_kl,
+                            args.budget_steps)
         print((Path(args.output) / "reach.md").read_text())
         return 0
     if args.diagnose_command != "leverage":

@@ -11,9 +11,9 @@ rate of a grid and every beta_test of the config, and records at every step the 
 samples (models.sampling.sequence_kl), their RM reward and the gold judge's score of them (monitored only: nothing is
 chosen by it).
 
-The choice, fixed before any run and made on KL alone: the cheapest setting (fewest steps, then the smallest lr)
-whose median KL over the study domains at the smallest beta_test reaches `target_kl` nats. No held-out domain is
-touched. Results go to OUTPUT/reach.json and OUTPUT/reach.md; every (domain, lr, beta) is a unit
+The choice, made on KL alone: the smallest lr whose median KL over the study domains at the smallest beta_test
+reaches `target_kl` nats within `budget_steps` steps (what the evidence run can afford), at the first step it does.
+No held-out domain is touched. Results go to OUTPUT/reach.json and OUTPUT/reach.md; every (domain, lr, beta) is a unit
 (OUTPUT/units/<domain>/lr-<lr>_beta-<beta>.json) that a rerun skips.
 
 Step s of a run of `steps` steps is the policy after s updates: one more optimisation step is run so that its
@@ -91,14 +91,16 @@ def summarise(units: list[dict], checkpoints: list[int]) -> list[dict]:
     return rows
 
 
-def choose(rows: list[dict], target_kl: float) -> dict | None:
-    """The cheapest (steps, lr) whose median KL at the smallest beta_test reaches target_kl, or None."""
+def choose(rows: list[dict], target_kl: float, budget: int | None = None) -> dict | None:
+    """The smallest lr whose median KL at the smallest beta_test reaches target_kl within `budget` steps (all steps
+    when None), at the first step it does; None when no lr does. The gentlest step that gets there: a large lr reaches
+    the target in fewer steps but in a jump that leaves the samples' support (KL of tens of nats a few steps later)."""
     beta = min(r["beta"] for r in rows)
-    candidates = [(int(s), r["lr"], a["kl_median"]) for r in rows if r["beta"] == beta
-                  for s, a in r["at"].items() if a["kl_median"] >= target_kl]
+    candidates = [(r["lr"], int(s), a["kl_median"]) for r in rows if r["beta"] == beta
+                  for s, a in r["at"].items() if a["kl_median"] >= target_kl and (budget is None or int(s) <= budget)]
     if not candidates:
         return None
-    steps, lr, kl = min(candidates)
+    lr, steps, kl = min(candidates)
     return {"steps": steps, "lr": lr, "beta": beta, "kl_median": kl}
 
 
@@ -135,12 +137,12 @@ def render(study: dict) -> str:
     lines.append("")
     chosen, target = study["chosen"], study["target_kl"]
     if chosen is None:
-        lines.append(f"No setting of the grid reaches a median KL of {target:g} nats at beta_test {min(study['betas']):g}"
-                     f" within {study['steps']} steps: widen the grid (`--lrs`, `--steps`).")
+        lines.append(f"No lr of the grid reaches a median KL of {target:g} nats at beta_test {min(study['betas']):g}"
+                     f" within {study['budget_steps']} steps: widen the grid (`--lrs`, `--steps`, `--budget-steps`).")
     else:
-        lines.append(f"Cheapest setting whose median KL at beta_test {chosen['beta']:g} reaches {target:g} nats: "
-                     f"**meta_test.steps {chosen['steps']}, meta_test.lr {chosen['lr']:g}** (median KL "
-                     f"{chosen['kl_median']:.3f}).")
+        lines.append(f"Smallest lr whose median KL at beta_test {chosen['beta']:g} reaches {target:g} nats within "
+                     f"{study['budget_steps']} steps, at the first step it does: **meta_test.lr {chosen['lr']:g}, "
+                     f"meta_test.steps {chosen['steps']}** (median KL {chosen['kl_median']:.3f}).")
     lines += ["", "The configuration's own meta-test, for comparison: "
               f"steps {study['config_steps']}, lr {study['config_lr']:g}.", "",
               "How to read it: gold at matched KL compares RMs only where their policies' KL ranges overlap, and win "
@@ -150,7 +152,8 @@ def render(study: dict) -> str:
 
 
 def run_meta_test_reach(cfg: Config, output: str | Path, domains: list[str] | None = None,
-                        lrs: list[float] | None = None, steps: int | None = None, target_kl: float = 1.0) -> dict:
+                        lrs: list[float] | None = None, steps: int | None = None, target_kl: float = 1.0,
+                        budget: int | None = None) -> dict:
     """The study for `cfg` (see the module docstring); returns the study dict also written to OUTPUT/reach.json."""
     from oodpl.evaluation.judges import judge_from_config
     from oodpl.experiment.leverage_study import leave_one_out_rm, study_domains
@@ -161,12 +164,15 @@ def run_meta_test_reach(cfg: Config, output: str | Path, domains: list[str] | No
 
     grid_lrs, grid_steps = default_grid(cfg)
     lrs, steps = sorted(lrs or grid_lrs), grid_steps if steps is None else steps
-    if steps < 1 or any(lr <= 0 for lr in lrs) or target_kl <= 0:
-        raise UserError(f"diagnose meta-test: give --steps >= 1, positive --lrs and a positive --target-kl "
-                        f"(got steps {steps}, lrs {lrs}, target {target_kl})")
+    budget = steps if budget is None else budget
+    if steps < 1 or any(lr <= 0 for lr in lrs) or target_kl <= 0 or not 1 <= budget <= steps:
+        raise UserError(f"diagnose meta-test: give --steps >= 1, positive --lrs, a positive --target-kl and "
+                        f"1 <= --budget-steps <= --steps (got steps {steps}, lrs {lrs}, target {target_kl}, "
+                        f"budget {budget})")
     out = Path(output)
     t0 = time.time()
     prov = provenance(0.0)
+    # the budget only changes the choice, not what is computed: it stays out of the fingerprint
     fingerprint = {"config": cfg.fingerprint(), "domains": domains, "lrs": lrs, "steps": steps}
     with open_run(out, "meta-test-reach", fingerprint, cfg) as run:
         split = load_or_build_split(run.layout.split, cfg.data)
@@ -193,8 +199,8 @@ def run_meta_test_reach(cfg: Config, output: str | Path, domains: list[str] | No
         rows = summarise(units, [0] + marks)
         study = {"task": split.task, "domains": chosen_domains, "lrs": lrs, "betas": list(cfg.meta_test.beta_test),
                  "steps": steps, "checkpoints": marks, "target_kl": target_kl, "rows": rows,
-                 "chosen": choose([{**r, "at": {k: v for k, v in r["at"].items() if k != "0"}} for r in rows],
-                                  target_kl),
+                 "budget_steps": budget, "chosen": choose(summarise(units, list(range(1, steps + 1))), target_kl,
+                                                          budget),
                  "optimizer": cfg.meta_test.optimizer, "config_steps": cfg.meta_test.steps,
                  "config_lr": cfg.meta_test.lr, "batch_prompts": cfg.rloo.batch_prompts,
                  "num_samples": cfg.rloo.num_samples,
