@@ -172,6 +172,10 @@ def run_meta_test_reach(cfg: Config, output: str | Path, domains: list[str] | No
         raise UserError(f"diagnose meta-test: give --steps >= 1, positive --lrs, a positive --target-kl and "
                         f"1 <= --budget-steps <= --steps (got steps {steps}, lrs {lrs}, target {target_kl}, "
                         f"budget {budget})")
+    accelerator = make_accelerator()  # one process: the device and precision the user's accelerate config sets
+    if accelerator.num_processes > 1:
+        raise UserError("oodpl diagnose meta-test runs in one process (its units are small); start it with "
+                        "`oodpl diagnose meta-test`, not under `accelerate launch` with several processes")
     out = Path(output)
     t0 = time.time()
     prov = provenance(0.0)
@@ -183,7 +187,6 @@ def run_meta_test_reach(cfg: Config, output: str | Path, domains: list[str] | No
         chosen_domains = study_domains(split, domains, "diagnose meta-test")
         run.commit()
         judge = judge_from_config(cfg, split.task)
-        accelerator = make_accelerator()  # one process: the device and precision the user's accelerate config sets
         # every unit starts from the same LoRA initialisation, whatever ran before it (reset_to_reference zeroes B only)
         at_init = PolicyAtInit(place(load_policy(cfg.policy, seed=cfg.seed), accelerator))
         units = []
