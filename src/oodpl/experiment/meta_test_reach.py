@@ -65,11 +65,12 @@ def reach_unit(cfg: Config, policy, rm, judge, split, d: str, lr: float, beta: f
     res = optimise_policy(policy, prompts, reward, c, beta, seed=cfg.seed * 1000 + di, reward_scale=scale,
                           gold_fn=gold, measure=lambda batch: {"token_kl": float(sequence_kl(policy, batch).mean())})
     hist = res["history"]
+    done = provenance(0.0)
     return {"domain": d, "lr": lr, "beta": beta, "steps": steps, "adapt_prompts": len(prompts),
             "kl": [h["token_kl"] for h in hist], "kl_sample": [h["kl"] for h in hist],
             "reward": [h["reward"] for h in hist],
             "gold": [h["gold_reward"] for h in hist], "reward_scale": res["reward_scale"],
-            "seconds": time.time() - t0, "finished": provenance(0.0)["date"], "load": provenance(0.0)["load"]}
+            "seconds": time.time() - t0, "finished": done["date"], "load": done["load"]}
 
 
 def summarise(units: list[dict], checkpoints: list[int]) -> list[dict]:
