@@ -44,10 +44,24 @@ def test_meta_test_runs_and_moves_the_policy():
     samples = draw_eval_samples(policy, PROMPTS[:2], m=3, seed=1)
     assert len(samples.responses) == 6
     assert any(abs(a - b) > 1e-6 for a, b in zip(samples.logp, samples.ref_logp))
+    # each sample carries the exact token-level KL of its prefixes: positive once the policy moved
+    assert len(samples.token_kl) == 6 and min(samples.token_kl) > 0
     # reset_to_reference gives pi_ref back exactly
     policy.reset_to_reference()
     again = draw_eval_samples(policy, PROMPTS[:2], m=3, seed=1)
     assert again.logp == pytest.approx(again.ref_logp, abs=1e-5)
+    assert again.token_kl == pytest.approx([0.0] * 6, abs=1e-6)
+
+
+def test_sample_metrics_kl_is_the_exact_token_kl_when_the_samples_carry_it():
+    from oodpl.adapt.metatest import PolicySamples
+    from oodpl.evaluation.evaluate import sample_metrics
+
+    old = PolicySamples(prompts=["a", "b"], responses=["x", "y"], logp=[-3.0, -2.0], ref_logp=[-4.0, -2.5])
+    assert sample_metrics(old, None)["kl"] == pytest.approx(0.75)  # files without token_kl: k1, (1 + 0.5) / 2
+    new = PolicySamples(**{**old.__dict__, "token_kl": [0.2, 0.6]})
+    assert sample_metrics(new, None)["kl"] == pytest.approx(0.4)
+    assert PolicySamples.from_json(new.to_json()) == new and PolicySamples.from_json(old.to_json()).token_kl is None
 
 
 def ascii_fraction(prompts, responses):

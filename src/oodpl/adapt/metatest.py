@@ -31,7 +31,7 @@ from oodpl.paths import inside
 from oodpl.core.policy_opt import policy_gradient
 from oodpl.runtime.rundir import RunLayout, open_run
 from oodpl.runtime.runlog import seed_everything
-from oodpl.models.sampling import SequenceBatch, collate, encode_prompts, policy_logprobs, sample_responses
+from oodpl.models.sampling import SequenceBatch, collate, encode_prompts, policy_logprobs, sample_responses, sequence_kl
 from oodpl.data.split import load_or_build_split
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -62,6 +62,9 @@ class PolicySamples:
     responses: list[str]
     logp: list[float]
     ref_logp: list[float]
+    # per response, the exact token-level KL(pi || pi_ref) along its prefixes (models.sampling.sequence_kl); None in
+    # sample files written before it existed, whose kl falls back to the k1 estimate from logp - ref_logp
+    token_kl: list[float] | None = None
 
     def to_json(self) -> dict:
         from oodpl.data.conversation import to_json
@@ -88,8 +91,10 @@ def draw_eval_samples(policy: Policy, prompts: list[str], m: int, seed: int, bat
     logp = policy_logprobs(policy.model, batch, chunk=batch_size)
     with policy.reference() as ref:
         ref_logp = policy_logprobs(ref, batch, chunk=batch_size)
+    token_kl = sequence_kl(policy, batch, chunk=batch_size)
     return PolicySamples([p for p in prompts for _ in range(m)],
-                         [tok.decode(r, skip_special_tokens=True) for r in rows_r], logp.tolist(), ref_logp.tolist())
+                         [tok.decode(r, skip_special_tokens=True) for r in rows_r], logp.tolist(), ref_logp.tolist(),
+                         token_kl.tolist())
 
 
 def eval_seed(seed: int, domain_index: int) -> int:

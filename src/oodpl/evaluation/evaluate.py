@@ -115,13 +115,16 @@ def agreement(scores: list[float], gold: list[float], prompts: list[str]) -> dic
 # -------------------------------------------------------------------------------------------- policy samples
 def sample_metrics(samples: PolicySamples, gold: list[float] | None, ref_gold: list[float] | None = None,
                    erm_gold: list[float] | None = None, rm_scores: list[float] | None = None) -> dict:
-    """gold_reward (mean + 95% interval over samples), kl, win rates and own-sample agreement of one samples set;
+    """gold_reward (mean + 95% interval over samples), kl (models.sampling.sequence_kl's mean), win rates and own-sample agreement of one samples set;
     without gold scores (no usable judge) only kl."""
     ci = metrics.mean_ci95(gold) if gold is not None else {"mean": None}
     out = {
         "gold_reward": ci["mean"],
         "gold_reward_ci": ci if gold is not None else None,
-        "kl": metrics.sequence_kl_estimate(samples.logp, samples.ref_logp),
+        # the exact token-level KL along the samples' prefixes where the samples carry it (lower variance, never
+        # negative); the k1 estimate mean(log pi - log pi_ref) for sample files written before it
+        "kl": (sum(samples.token_kl) / len(samples.token_kl) if samples.token_kl else
+               metrics.sequence_kl_estimate(samples.logp, samples.ref_logp)),
         "win_rate_vs_reference": None,
         "win_rate_vs_erm": None,
         "own_sample_agreement": None,
