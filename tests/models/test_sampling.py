@@ -1,4 +1,5 @@
-"""models.sampling.sequence_kl: the exact token-level KL(pi || pi_ref) along sampled prefixes."""
+"""models.sampling: the exact token-level KL(pi || pi_ref) along sampled prefixes (sequence_kl), and the log-probabilities
+and KL of evaluation samples from one pass per model (logprobs_and_kl)."""
 
 import pytest
 import torch
@@ -77,3 +78,20 @@ def test_sequence_kl_and_the_log_ratio_estimate_agree_on_average():
     sigma = float(ratio.std()) / len(ratio) ** 0.5
     assert abs(float(exact.mean()) - float(ratio.mean())) < 4 * sigma + 1e-9
     assert float(exact.std()) < float(ratio.std())  # the point of it: less variance
+
+
+def test_logprobs_and_kl_give_what_the_separate_passes_give():
+    """One forward of pi and one of pi_ref (draw_eval_samples): the same values as policy_logprobs twice and
+    sequence_kl, bit for bit at the same chunking."""
+    from oodpl.models.sampling import logprobs_and_kl
+
+    policy = _policy(1)
+    _move(policy)
+    batch = policy.with_trunk(_batch(policy, 3))
+    logp, ref_logp, kl = logprobs_and_kl(policy, batch, chunk=4)
+    with torch.no_grad():
+        assert torch.equal(logp, policy_logprobs(policy.model, batch, chunk=4))
+        with policy.reference() as ref:
+            assert torch.equal(ref_logp, policy_logprobs(ref, batch, chunk=4))
+    assert torch.equal(kl, sequence_kl(policy, batch, chunk=4))
+    assert float((logp - ref_logp).abs().max()) > 1e-4 and float(kl.min()) > 1e-4  # pi moved: not vacuous

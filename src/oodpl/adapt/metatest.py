@@ -31,7 +31,8 @@ from oodpl.paths import inside
 from oodpl.core.policy_opt import policy_gradient
 from oodpl.runtime.rundir import RunLayout, open_run
 from oodpl.runtime.runlog import seed_everything
-from oodpl.models.sampling import SequenceBatch, collate, encode_prompts, policy_logprobs, sample_responses, sequence_kl
+from oodpl.models.sampling import (SequenceBatch, collate, encode_prompts, logprobs_and_kl, policy_logprobs,
+                                   sample_responses)
 from oodpl.data.split import load_or_build_split
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -88,10 +89,7 @@ def draw_eval_samples(policy: Policy, prompts: list[str], m: int, seed: int, bat
     rows_p = [p for p, rs in zip(p_ids, r_ids) for _ in rs]
     rows_r = [r for rs in r_ids for r in rs]
     batch = policy.with_trunk(collate(rows_p, rows_r, tok.pad_token_id), batch_size)
-    logp = policy_logprobs(policy.model, batch, chunk=batch_size)
-    with policy.reference() as ref:
-        ref_logp = policy_logprobs(ref, batch, chunk=batch_size)
-    token_kl = sequence_kl(policy, batch, chunk=batch_size)
+    logp, ref_logp, token_kl = logprobs_and_kl(policy, batch, chunk=batch_size)
     return PolicySamples([p for p in prompts for _ in range(m)],
                          [tok.decode(r, skip_special_tokens=True) for r in rows_r], logp.tolist(), ref_logp.tolist(),
                          token_kl.tolist())

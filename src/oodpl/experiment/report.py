@@ -54,7 +54,9 @@ METRIC_MEANING = {
                              "pi_ref's, ties 1/2",
     "win_rate_vs_erm": "the same against the erm-rm policy's samples",
     "gold_reward": "mean gold-judge score of the policy's samples on the evaluation prompts, first beta_test",
-    "kl": "mean log pi(y|x) - log pi_ref(y|x) of those samples (k1 estimate of the sequence KL, nats), first beta_test",
+    "kl": ("KL(pi || pi_ref) of those samples, first beta_test, in nats: the mean over samples of the exact next-token "
+           "KL summed along each sample's response (models.sampling.sequence_kl; for sample files written before it, "
+           "the k1 estimate mean log pi(y|x) - log pi_ref(y|x))"),
     "own_sample_agreement": "RM-gold agreement on the method's own policy samples (not comparable across RMs)",
 }
 

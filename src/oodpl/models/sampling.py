@@ -189,22 +189,36 @@ def policy_logprobs(model: nn.Module, batch: SequenceBatch, params: dict[str, to
     return _chunked(lambda sl: sequence_logprobs(*_response_logits(model, batch, sl, params)), len(batch), chunk)
 
 
+def _token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+    per_position = (logp.exp() * (logp - logq)).sum(-1)  # position t predicts token t + 1
+    return (per_position[:, :-1] * mask[:, 1:].to(per_position.dtype)).sum(-1)
+
+
 @torch.no_grad()
 def sequence_kl(policy, batch: SequenceBatch, chunk: int | None = 16) -> torch.Tensor:
     """Per row, the sum over its response tokens of KL(pi(.|prefix) || pi_ref(.|prefix)), the full next-token
     distributions along the row's own prefixes. For rows sampled from pi its mean estimates KL(pi || pi_ref) of whole
     sequences, like the mean of log pi - log pi_ref, but without that estimate's variance or negative values.
     `policy`: a models.policy.Policy (its model and its reference())."""
+    return logprobs_and_kl(policy, batch, chunk)[2]
+
+
+@torch.no_grad()
+def logprobs_and_kl(policy, batch: SequenceBatch, chunk: int | None = 16
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log pi(y|x), log pi_ref(y|x) and sequence_kl per row from one forward pass of each model: the values
+    policy_logprobs (of pi and of pi_ref) and sequence_kl give, at a third of their passes."""
 
     def run(sl: slice) -> torch.Tensor:
-        logits, _, mask = _response_logits(policy.model, batch, sl)
-        logp = torch.log_softmax(logits, -1)
+        logits, ids, mask = _response_logits(policy.model, batch, sl)
         with policy.reference() as ref:
-            logq = torch.log_softmax(_response_logits(ref, batch, sl)[0], -1)
-        per_position = (logp.exp() * (logp - logq)).sum(-1)  # position t predicts token t + 1
-        return (per_position[:, :-1] * mask[:, 1:].to(per_position.dtype)).sum(-1)
+            ref_logits = _response_logits(ref, batch, sl)[0]
+        return torch.stack([sequence_logprobs(logits, ids, mask), sequence_logprobs(ref_logits, ids, mask),
+                            _token_kl(logits, ref_logits, mask)], 1)
 
-    return _chunked(run, len(batch), chunk)
+    out = _chunked(run, len(batch), chunk)
+    return out[:, 0], out[:, 1], out[:, 2]
 
 
 @torch.no_grad()
