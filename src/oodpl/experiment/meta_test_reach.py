@@ -127,8 +127,8 @@ def render(study: dict) -> str:
         f"{study['batch_prompts']} prompts x {study['num_samples']} samples per step. Entries: the median over the "
         f"{len(study['domains'])} domains of KL(pi || pi_ref) estimated on the policy's own samples after s steps; "
         "(sum over response tokens of the exact next-token KL along each sample's prefix: models.sampling.sequence_kl; "
-        "it is never negative and has far less variance than the mean of log pi - log pi_ref the benchmark's kl "
-        "column uses, which is recorded beside it in reach.json); "
+        "the benchmark's kl column too; it is never negative and has far less variance than the mean of "
+        "log pi - log pi_ref, which is recorded beside it in reach.json); "
         "in brackets the mean RM reward (raw) and gold score of those samples over the domains (monitored, never used "
         "to choose). A step's prompts are the same for every lr and beta_test (the optimiser's seed draws them): "
         "compare settings down a column; along a row the prompts change.", "",
