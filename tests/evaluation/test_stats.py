@@ -215,3 +215,19 @@ def test_paired_comparison_skips_cells_without_the_metric_and_flags_disagreeing_
     assert "The sign test reads it differently" in verdict_sentence(out)
     with pytest.raises(ValueError, match="two cells"):
         paired_comparison(cells + cells[:1], "pl_accuracy", "meta-rm", "erm-rm")
+
+
+def test_gold_at_matched_kl_starts_every_frontier_at_pi_ref():
+    """Two beta_test values that leave the frontiers short and apart: no shared KL without pi_ref's point; with it
+    the matched KL is the middle of [0, the smallest reach] and each gold reward is read on its own anchored line."""
+    from oodpl.evaluation.stats import gold_at_matched_kl
+
+    a, b = [(0.3, 0.1), (0.4, 0.2)], [(0.1, 0.0), (0.2, 0.05)]
+    target, at = gold_at_matched_kl({"a": a, "b": b}, ["a", "b"])
+    assert target is None and at == {"a": None, "b": None}
+    target, at = gold_at_matched_kl({"a": a, "b": b, "upper": [(0.05, 0.9)]}, ["a", "b"], origin=[(0.0, 0.02)])
+    assert target == pytest.approx(0.1)  # 0.5 * min(0.4, 0.2)
+    assert at["a"] == pytest.approx(0.02 + (0.1 - 0.0) / 0.3 * (0.1 - 0.02))  # between pi_ref and a's first point
+    assert at["b"] == pytest.approx(0.0)  # b's own point at 0.1
+    assert at["upper"] is None  # not a competitor: read only where its own frontier covers the KL (0.1 > 0.05)
+    assert gold_at_matched_kl({"a": a}, ["a"], origin=[(0.0, 0.02)])[0] is None  # one competitor: nothing to match

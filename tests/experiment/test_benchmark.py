@@ -110,6 +110,9 @@ def check_cells(out: Path, res: dict, methods: list[str], seeds: list[int], beta
                 assert len({json.dumps(v) for v in shapes.values()}) == 1, (s, d, k)
             assert len({row[m]["matched_kl"] for m in methods}) == 1
             target = row[methods[0]]["matched_kl"]
+            if "reference" in row and row["reference"]["frontier"][0]["gold_reward"] is not None:
+                # every frontier starts at pi_ref's point (KL 0): the competing RMs always share a KL range
+                assert target is not None and target >= 0
             for m in methods:
                 at = row[m]["metrics"]["gold_at_matched_kl"]
                 if m not in OPTIMISED or target is None:

@@ -277,6 +277,19 @@ def matched_kl(frontier_a: Iterable[Any], frontier_b: Iterable[Any], *more: Iter
     return 0.5 * (lo + hi)
 
 
+def gold_at_matched_kl(frontiers: dict[str, list], competing: Iterable[str], origin: list | None = None
+                       ) -> tuple[float | None, dict[str, float | None]]:
+    """One cell's matched KL and every frontier's gold reward there: the KL is matched_kl of the `competing`
+    frontiers, each read by interpolate_at_kl. `origin`: pi_ref's point (KL 0, its gold reward on the same
+    evaluation prompts), where every meta-test starts (beta_test -> infinity), put at the start of each frontier: two
+    beta_test values that leave frontiers short and apart then still share the range [0, the smallest reach]."""
+    origin = list(origin or [])
+    anchored = {m: origin + list(f) for m, f in frontiers.items()}
+    competitors = [anchored[m] for m in competing]
+    target = matched_kl(*competitors) if len(competitors) >= 2 else None
+    return target, {m: interpolate_at_kl(f, target) for m, f in anchored.items()}
+
+
 # ------------------------------------------------------------------------------------------ paired comparison
 def _cell_values(cells: Iterable[dict], metric: str, method: str) -> dict[tuple, float]:
     out = {}

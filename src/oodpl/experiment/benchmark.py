@@ -51,7 +51,7 @@ from oodpl.models.precision import place
 from oodpl.experiment.results import Cell, Results
 from oodpl.runtime.rundir import RunLayout, open_run
 from oodpl.runtime.runlog import MetricsLogger, provenance, seed_everything
-from oodpl.evaluation.stats import interpolate_at_kl, matched_kl
+from oodpl.evaluation.stats import gold_at_matched_kl
 
 LEFT_OUT_DOMAINS = 3  # meta-train-pool domains left out of training that the diagnostic scores (at most)
 
@@ -508,14 +508,16 @@ class Benchmark:
             for d in domains:
                 paths = {m: self.eval_path(s, m, d) for m in self.methods}
                 recs = {m: json.loads(path.read_text()) for m, path in paths.items()}
-                # the frontiers of the competing reward models (not the upper bounds) define the matched KL
-                optimised = [recs[m]["frontier"] for m in recs if registry.get(m).output == registry.REWARD_MODEL
+                # the frontiers of the competing reward models (not the upper bounds) define the matched KL; each
+                # starts at pi_ref's point, where every meta-test starts
+                competing = [m for m in recs if registry.get(m).output == registry.REWARD_MODEL
                              and not registry.get(m).target_labels]
-                target = matched_kl(*optimised) if len(optimised) >= 2 else None
+                optimised = {m: rec["frontier"] for m, rec in recs.items() if registry.get(m).optimised}
+                ref = next((m for m in recs if registry.get(m).output == registry.REFERENCE), None)
+                origin = recs[ref]["frontier"] if ref is not None else None
+                target, at = gold_at_matched_kl(optimised, competing, origin)
                 for m, rec in recs.items():
-                    at = interpolate_at_kl(rec["frontier"], target) if registry.get(m).optimised and target is not None \
-                        else None
-                    rec["metrics"]["gold_at_matched_kl"] = at
+                    rec["metrics"]["gold_at_matched_kl"] = at.get(m)
                     rec["matched_kl"] = target
                     cells.append(Cell.from_json(rec, str(paths[m])))
         return Results(

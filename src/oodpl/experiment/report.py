@@ -48,8 +48,9 @@ METRIC_MEANING = {
     "rm_gold_agreement": "how often the reward model orders two pi_ref samples of the same prompt the way the gold "
                          "judge does, on ONE shared set of pi_ref samples per held-out domain (every RM scores the "
                          "same pairs)",
-    "gold_at_matched_kl": "gold reward read off the cell's frontier (gold reward vs KL over beta_test) at the KL "
-                          "every method of the cell reaches (interpolated, never extrapolated)",
+    "gold_at_matched_kl": "gold reward read off the cell's frontier (gold reward vs KL over beta_test, starting at "
+                          "pi_ref's point at KL 0 where every meta-test starts) at the KL every competing RM of the "
+                          "cell reaches (interpolated, never extrapolated)",
     "win_rate_vs_reference": "fraction of (prompt, sample) slots where the gold judge prefers the method's sample to "
                              "pi_ref's, ties 1/2",
     "win_rate_vs_erm": "the same against the erm-rm policy's samples",
