@@ -143,4 +143,4 @@ def publish(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    raise PublishError(main())
+    raise SystemExit(main())
