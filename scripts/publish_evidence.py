@@ -55,8 +55,8 @@ def diagnostics_from(md: str, companion: Path) -> str:
     for m in shared:
         for c in primary:
             if mine[m][c] != theirs[m].get(c):
-                raise PublishError(f"{companion}: {m}'s {c} is {theirs[m].get(c)}, here {mine[m][c]}: not the same "
-                                 "reward models, so its diagnostics are not this run's")
+                raise PublishError(f"{companion}: {m}'s {c} is {theirs[m].get(c)}, here {mine[m][c]}: not the "
+                                   "same reward models, so its diagnostics are not this run's")
     body = section(other, "Diagnostics")
     if "\n### " not in "\n" + body:
         raise PublishError(f"{companion} has no fit or leverage diagnostics to copy")

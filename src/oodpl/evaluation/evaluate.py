@@ -115,8 +115,8 @@ def agreement(scores: list[float], gold: list[float], prompts: list[str]) -> dic
 # -------------------------------------------------------------------------------------------- policy samples
 def sample_metrics(samples: PolicySamples, gold: list[float] | None, ref_gold: list[float] | None = None,
                    erm_gold: list[float] | None = None, rm_scores: list[float] | None = None) -> dict:
-    """gold_reward (mean + 95% interval over samples), kl (models.sampling.sequence_kl's mean), win rates and own-sample agreement of one samples set;
-    without gold scores (no usable judge) only kl."""
+    """gold_reward (mean + 95% interval over samples), kl (the mean of models.sampling.sequence_kl), win rates and
+    own-sample agreement of one samples set; without gold scores (no usable judge) only kl."""
     ci = metrics.mean_ci95(gold) if gold is not None else {"mean": None}
     out = {
         "gold_reward": ci["mean"],
