@@ -105,8 +105,7 @@ def publish(argv: list[str] | None) -> int:
     md = report.read_text(encoding="utf-8")
     if args.diagnostics_from is not None:
         if not args.diagnostics_from.exists():
-            print(f"--diagnostics-from {args.diagnostics_from} does not exist: pass a published report", file=sys.stderr)
-            return 2
+            raise PublishError(f"--diagnostics-from {args.diagnostics_from} does not exist: pass a published report")
         copied = diagnostics_from(md, args.diagnostics_from)
         at = md.find("\n## Selection")
         md = md + "\n\n" + copied if at < 0 else md[:at + 1] + copied + md[at + 1:]

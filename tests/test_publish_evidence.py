@@ -45,3 +45,10 @@ def test_refuses_a_companion_with_other_reward_models(tmp_path):
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert publish.main(["--run", str(tmp_path), "--name", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_missing_companion_exits_2(tmp_path, capsys):
+    (tmp_path / "report.md").write_text(report("0.749 [0.683, 0.816] (n=9)"))
+    args = ["--run", str(tmp_path), "--name", "x", "--diagnostics-from", str(tmp_path / "nope.md")]
+    assert publish.main(args) == 2
+    assert "nope.md does not exist" in capsys.readouterr().err
