@@ -216,6 +216,11 @@ class FieldConfig:
     metarm_j_weight: float = 0.0  # metarm: weight of -J(phi') in the minimised loss (0: the paper's loss, BT(phi'))
     metarm_batch_prompts: int = 4  # metarm: prompts per step whose pi_ref samples (all pairs of each) make J
     grm_sft_weight: float = 0.01  # grm: weight of the chosen responses' SFT loss (their scripts' 0.01; 0: plain BT)
+    # grm: the regulariser's form. "sft" (method.md): BT + w * the token-mean causal-LM loss of the chosen responses.
+    # "logsigmoid-sft" (GRM's released trainer, its defaults sft_only and reference_free): (1 - w) * BT
+    # + w * -log sigmoid(grm_beta * sum of the chosen response's token log-probs)
+    grm_regularizer: str = "sft"
+    grm_beta: float = 0.1  # grm, logsigmoid-sft only: the beta inside the log-sigmoid (their scripts' 0.1)
     warm_members: int = 3  # warm-rm: M, the BT fits averaged (1: the erm-rm fit itself)
 
 
@@ -473,7 +478,8 @@ RULES: dict[str, str] = {
     "select.criterion": "outer_loss|pair_accuracy", "select.folds": ">=0", "select.eval_draws": ">=1",
     "reward.input_format": "concat|pair|chat",
     "field.metarm_ascent_lr": ">=0", "field.metarm_j_weight": ">=0", "field.metarm_batch_prompts": ">=1",
-    "field.grm_sft_weight": ">=0", "field.warm_members": ">=1",
+    "field.grm_sft_weight": ">=0", "field.warm_members": ">=1", "field.grm_regularizer": "sft|logsigmoid-sft",
+    "field.grm_beta": ">0",
     "seed": _SEED, "report_to": "tensorboard|wandb|none",
 }
 
@@ -542,6 +548,9 @@ def validate_config(cfg: Config, sources: dict[str, str] | None = None) -> None:
     if cfg.meta.hypergrad == "one-step" and cfg.meta.inner_steps != 1:
         fail("meta.hypergrad", cfg.meta.hypergrad,
              "one-step is exact only for meta.inner_steps=1; use truncated or unrolled")
+    if cfg.field.grm_regularizer == "logsigmoid-sft" and cfg.field.grm_sft_weight > 1:
+        fail("field.grm_sft_weight", cfg.field.grm_sft_weight,
+             "must be in [0, 1] with field.grm_regularizer=logsigmoid-sft ((1 - w) * BT + w * the regulariser)")
     if cfg.tracking.run_name is not None:  # a tensorboard directory under tracking.log_dir
         from oodpl.paths import name_problem
 

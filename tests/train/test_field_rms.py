@@ -15,7 +15,8 @@ from oodpl.config import RewardConfig, load_config
 from oodpl.data.records import PairRecord
 from oodpl.errors import UserError
 from oodpl.train.field_rms import (GRMStep, MetaRMStep, captured_hidden, causal_lm_loss, decoder_lm_head, member_seed,
-                             metarm_objective, prompt_groups_from_samples, sft_labels, within_prompt_pairs)
+                                   metarm_objective, prompt_groups_from_samples, response_logps, sft_labels,
+                                   within_prompt_pairs)
 from oodpl.models.reward import load_reward_checkpoint, load_reward_model
 from oodpl.core.objectives import bradley_terry_loss
 from oodpl.train.rm_train import BTStep, fit_reward_model
@@ -140,15 +141,20 @@ def _decoder_rm(dtype: str = "float32"):
                              .reward, seed=3)
 
 
-def test_grm_sft_term_equals_transformers_causal_lm_loss():
+def _causal_lm_twin(rm):
+    """transformers' causal LM with the decoder RM's backbone weights (the LM head tied to the embeddings)."""
     from transformers import LlamaForCausalLM
 
-    rm = _decoder_rm()
     lm = LlamaForCausalLM(rm.model.config)
     missing, unexpected = lm.load_state_dict(rm.model.state_dict(), strict=False)
     assert unexpected == ["score.weight"] and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
     lm.tie_weights()
-    lm.eval()
+    return lm.eval()
+
+
+def test_grm_sft_term_equals_transformers_causal_lm_loss():
+    rm = _decoder_rm()
+    lm = _causal_lm_twin(rm)
     prompts, chosen = [p.prompt for p in PAIRS], [p.chosen for p in PAIRS]
     enc = rm.encode(prompts, chosen)
     labels = sft_labels(enc, rm.prompt_lengths(prompts))
@@ -168,10 +174,54 @@ def test_grm_sft_term_equals_transformers_causal_lm_loss():
     assert parts["sft_loss"] == pytest.approx(float(theirs), rel=1e-6)
 
 
-def test_grm_at_weight_zero_is_plain_bt(tmp_path):
-    cfg = tiny_cfg("field.grm_sft_weight=0.0", reward="tiny-random-llama")
+def test_grm_logsigmoid_regularizer_equals_grms_released_loss():
+    """grm_regularizer logsigmoid-sft against GRM's released trainer's loss (sft_only, reference_free), written out
+    from transformers' logits: per row the SUM of the response tokens' log-probs (get_batch_logps), then
+    (1 - w) * BT + w * -log sigmoid(beta * that); at w = 0 exactly BT."""
+    rm = _decoder_rm()
+    lm = _causal_lm_twin(rm)
+    prompts, chosen = [p.prompt for p in PAIRS], [p.chosen for p in PAIRS]
+    enc = rm.encode(prompts, chosen)
+    labels = sft_labels(enc, rm.prompt_lengths(prompts))[:, 1:]
+    with torch.no_grad():
+        logits = lm(**enc).logits[:, :-1]
+    mask = labels != -100
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    logps = (token_logps * mask).sum(-1)
+    assert (logps < 0).all()  # every row has response tokens
+    r_c, r_r = rm.score(prompts, chosen), rm.score(prompts, [p.rejected for p in PAIRS])
+    bt = bradley_terry_loss(r_c, r_r)
+    for w, beta in ((0.25, 0.1), (0.5, 1.0)):
+        theirs = -torch.nn.functional.logsigmoid(beta * logps).mean()
+        loss, parts = GRMStep(rm, w, "logsigmoid-sft", beta)(rm.model, PAIRS, torch.device("cpu"))
+        torch.testing.assert_close(loss, (1 - w) * bt + w * theirs, rtol=1e-6, atol=1e-6)
+        assert parts["sft_loss"] == pytest.approx(float(theirs.detach()), rel=1e-6)
+    loss, _ = GRMStep(rm, 0.0, "logsigmoid-sft")(rm.model, PAIRS, torch.device("cpu"))
+    torch.testing.assert_close(loss, bt, rtol=1e-6, atol=1e-6)
+
+
+def test_grm_response_logps_of_a_row_without_labels_is_zero():
+    hidden = torch.randn(2, 4, 3, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 1, 2], [-100, -100, -100, -100]])
+    head = torch.nn.Linear(3, 5)
+    lp = response_logps(hidden, labels, head)
+    expected = head(hidden[0, 1:3]).log_softmax(-1)[[0, 1], [1, 2]].sum()
+    torch.testing.assert_close(lp, torch.stack([expected, torch.tensor(0.0)]))
+    assert float(response_logps(hidden, torch.full_like(labels, -100), head).abs().sum()) == 0.0
+
+
+def test_grm_logsigmoid_weight_above_one_is_refused():
+    with pytest.raises(UserError, match=r"grm_sft_weight.*\[0, 1\]"):
+        tiny_cfg("field.grm_regularizer=logsigmoid-sft", "field.grm_sft_weight=1.5")
+    tiny_cfg("field.grm_sft_weight=1.5")  # the "sft" form adds the term: any weight >= 0
+
+
+@pytest.mark.parametrize("regularizer", ["sft", "logsigmoid-sft"])
+def test_grm_at_weight_zero_is_plain_bt(tmp_path, regularizer):
+    cfg = tiny_cfg("field.grm_sft_weight=0.0", f"field.grm_regularizer={regularizer}", reward="tiny-random-llama")
     assert_same_weights(states(train("grm", cfg, tmp_path)), states(train("erm-rm", cfg, tmp_path)))
-    moved = train("grm", tiny_cfg("field.grm_sft_weight=1.0", reward="tiny-random-llama"), tmp_path, "grm-1")
+    moved = train("grm", tiny_cfg("field.grm_sft_weight=1.0", f"field.grm_regularizer={regularizer}",
+                                  reward="tiny-random-llama"), tmp_path, "grm-1")
     assert any(not torch.equal(a, b) for a, b in zip(states(moved).values(),
                                                        states(tmp_path / "erm-rm").values()))
 

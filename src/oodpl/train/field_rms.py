@@ -15,7 +15,9 @@ Formulas (r = the RM's scalar reward, phi its weights, sigma the logistic functi
     J(phi)     = mean over within-prompt pairs i < j of the drawn prompts' samples of sigma(|r(x, y_i) - r(x, y_j)|)
     metarm     L(phi) = BT(phi') - j_weight * J(phi'),   phi' = phi + ascent_lr * grad J(phi)
     grm        L(phi) = BT(phi) + sft_weight * CE(lm_head(h_phi), chosen response tokens)   (token mean, as the
-               causal-LM loss of transformers with the prompt's tokens masked)
+               causal-LM loss of transformers with the prompt's tokens masked; grm_regularizer "sft", method.md)
+               L(phi) = (1 - w) * BT(phi) - w * log sigmoid(grm_beta * log pi_phi(y_chosen | x))   (the sum of the
+               response's token log-probs; grm_regularizer "logsigmoid-sft": GRM's released trainer at its defaults)
     warm-rm    phi = (1/M) sum_m phi_m,   phi_m = BT fit from phi_0 with data order m (phi_0 shared)
 """
 
@@ -200,16 +202,37 @@ def sft_labels(enc: dict, prompt_lengths: list[int]) -> torch.Tensor:
     return labels
 
 
-def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor]
-                   ) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens (transformers' causal-LM loss), with the LM head
-    applied only where a label is (the vocabulary projection of every prompt position would be wasted)."""
+def _labelled_logits(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(logits, target token, row) of every labelled next-token position, the LM head applied only there (the
+    vocabulary projection of every prompt position would be wasted); None when no position has a label."""
     h, y = hidden[:, :-1], labels[:, 1:].to(hidden.device)
     keep = y != IGNORE
     if not bool(keep.any()):  # every response cut off by reward.max_length: no SFT signal in this minibatch
+        return None
+    return lm_head(h[keep]).float(), y[keep], keep.nonzero()[:, 0]
+
+
+def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens (transformers' causal-LM loss)."""
+    got = _labelled_logits(hidden, labels, lm_head)
+    if got is None:
         return hidden.sum() * 0.0
-    logits = lm_head(h[keep])
-    return F.cross_entropy(logits.float(), y[keep])
+    logits, y, _ = got
+    return F.cross_entropy(logits, y)
+
+
+def response_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
+    """Per row, the sum of the labelled tokens' log-probabilities: log pi(response | prompt) through the LM head
+    (0 for a row without labels, as GRM's get_batch_logps gives it)."""
+    out = hidden.new_zeros(hidden.shape[0], dtype=torch.float32) + hidden.sum() * 0.0
+    got = _labelled_logits(hidden, labels, lm_head)
+    if got is None:
+        return out
+    logits, y, rows = got
+    return out.index_add(0, rows, logits.log_softmax(-1).gather(1, y[:, None])[:, 0])
 
 
 def decoder_lm_head(rm) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -255,12 +278,13 @@ def captured_hidden(model):
 
 
 class GRMStep(BTStep):
-    """BT + field.grm_sft_weight * the SFT loss of the chosen responses through the backbone's LM head, both from one
-    forward pass of the chosen rows (the reward is the score head's, read where TRL reads it)."""
+    """BT and GRM's regulariser of the chosen responses through the backbone's LM head, both from one forward pass of
+    the chosen rows (the reward is the score head's, read where TRL reads it). regularizer "sft": BT + w * the
+    token-mean SFT loss; "logsigmoid-sft": (1 - w) * BT + w * -log sigmoid(beta * log pi(chosen | prompt))."""
 
-    def __init__(self, rm, weight: float):
+    def __init__(self, rm, weight: float, regularizer: str = "sft", beta: float = 0.1):
         super().__init__(rm)
-        self.weight = weight
+        self.weight, self.regularizer, self.beta = weight, regularizer, beta
         self.lm_head = decoder_lm_head(rm)
 
     def __call__(self, model, chunk, device) -> tuple[torch.Tensor, dict]:
@@ -269,16 +293,23 @@ class GRMStep(BTStep):
             r_c = self.rewards(model, enc_c, device)
         r_r = self.rewards(model, enc_r, device)
         bt = bradley_terry_loss(r_c, r_r)
-        sft = causal_lm_loss(hidden[0], sft_labels(enc_c, self.rm.prompt_lengths([p.prompt for p in chunk])),
-                             self.lm_head)
-        return bt + self.weight * sft, {"bt_loss": float(bt.detach()), "sft_loss": float(sft.detach())}
+        labels = sft_labels(enc_c, self.rm.prompt_lengths([p.prompt for p in chunk]))
+        if self.regularizer == "logsigmoid-sft":
+            reg = -F.logsigmoid(self.beta * response_logps(hidden[0], labels, self.lm_head)).mean()
+            loss = (1.0 - self.weight) * bt + self.weight * reg
+        else:
+            reg = causal_lm_loss(hidden[0], labels, self.lm_head)
+            loss = bt + self.weight * reg
+        return loss, {"bt_loss": float(bt.detach()), "sft_loss": float(reg.detach())}
 
 
 def train_grm(job) -> None:
     """grm: the BT fit of a decoder RM with GRM's step (GRMStep)."""
-    w = job.cfg.field.grm_sft_weight
-    rm, stats = _fit(job, step_loss=lambda rm: GRMStep(rm, w))
-    save_reward_fit(job, rm, stats, sft_weight=w, backbone=job.cfg.reward.name_or_path)
+    f = job.cfg.field
+    rm, stats = _fit(job, step_loss=lambda rm: GRMStep(rm, f.grm_sft_weight, f.grm_regularizer, f.grm_beta))
+    save_reward_fit(job, rm, stats, sft_weight=f.grm_sft_weight, regularizer=f.grm_regularizer,
+                    **({"beta": f.grm_beta} if f.grm_regularizer == "logsigmoid-sft" else {}),
+                    backbone=job.cfg.reward.name_or_path)
 
 
 # ------------------------------------------------------------------------------------------------------------ warm
