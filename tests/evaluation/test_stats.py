@@ -8,6 +8,7 @@ import pytest
 from oodpl.evaluation.stats import (
     betainc,
     cluster_bootstrap,
+    fmt_num,
     interpolate_at_kl,
     matched_kl,
     paired_cluster_bootstrap,
@@ -215,6 +216,31 @@ def test_paired_comparison_skips_cells_without_the_metric_and_flags_disagreeing_
     assert "The sign test reads it differently" in verdict_sentence(out)
     with pytest.raises(ValueError, match="two cells"):
         paired_comparison(cells + cells[:1], "pl_accuracy", "meta-rm", "erm-rm")
+
+
+def test_paired_comparison_without_spread_over_seeds_is_decided_by_the_sign_test():
+    # The knowledge grm report's case: 24 pairs a domain, and in every seed exactly one more pair ranked right in one
+    # of the 3 domains: each seed's domain-averaged difference is 1/72 and the t-interval [1/72, 1/72] has no width.
+    # It measures no uncertainty, so it must not read "higher": the sign test (3/3 untied cells, p = 0.25) decides.
+    eff = {(s, d): (1 / 24 if d == s else 0.0) for s in range(3) for d in range(3)}
+    out = paired_comparison(_cells(eff), "pl_accuracy", "meta-rm", "erm-rm")
+    assert out["t"]["sd"] < 1e-15 and out["t"]["low"] == pytest.approx(1 / 72) and out["t_no_width"]
+    assert out["verdict"] == out["sign_verdict"] == "no significant difference" and out["tests_agree"] is None
+    text = verdict_sentence(out)
+    assert "meta-rm shows no significant difference from erm-rm (mean difference +0.014, the t-interval over 3 " \
+           "seeds has no width" in text and "sign test 3/3 cells higher, p = 0.25, 6 tied" in text
+    assert "reads it differently" not in text
+    # the same difference in all 9 cells: the sign test is decisive (9/9, p = 0.0039)
+    out = paired_comparison(_cells({(s, d): 0.02 for s in range(3) for d in range(3)}), "pl_accuracy", "meta-rm",
+                            "erm-rm")
+    assert out["t_no_width"] and out["verdict"] == "higher"
+    assert verdict_sentence(out).startswith("On held-out PL accuracy (primary), meta-rm is higher than erm-rm by 0.020")
+    # zero spread at zero difference (every cell tied) is no difference, read off the t-interval [0, 0] as before
+    out = paired_comparison(_cells({(s, d): 0.0 for s in range(3) for d in range(3)}), "pl_accuracy", "meta-rm",
+                            "erm-rm")
+    assert out["verdict"] == "no significant difference" and not out["t_no_width"]
+    # a difference of means that is only rounding noise prints as 0, not as +6.9e-18
+    assert fmt_num(6.9e-18) == "0.000" and fmt_num(-3e-13) == "0.000" and fmt_num(2e-5) == "2e-05"
 
 
 def test_gold_at_matched_kl_starts_every_frontier_at_pi_ref():

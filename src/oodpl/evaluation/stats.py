@@ -306,6 +306,9 @@ def _cell_values(cells: Iterable[dict], metric: str, method: str) -> dict[tuple,
     return out
 
 
+_NOISE = 1e-12  # below this a difference of means is floating-point rounding (0.5 - 0.5 computed two ways), not data
+
+
 def paired_comparison(cells: Iterable[dict], metric: str, method: str, baseline: str, conf: float = 0.95,
                       alpha: float = 0.05) -> dict:
     """Paired difference method - baseline of one metric over the (seed, domain) cells where both have it.
@@ -318,7 +321,10 @@ def paired_comparison(cells: Iterable[dict], metric: str, method: str, baseline:
     verdict is decided by the t-interval alone: "higher" / "lower" when it lies above / below 0, "no significant
     difference" when it contains 0, "not enough data" with fewer than 2 seeds. sign_verdict is the sign test's own
     reading at level alpha ("higher" / "lower" / "no significant difference" / "not enough data" without untied
-    cells); tests_agree says whether the two readings agree (None when either lacks data).
+    cells); tests_agree says whether the two readings agree (None when either lacks data). When every seed has the
+    same non-zero difference (`t_no_width`: a discrete count, e.g. one more of 24 pairs in every seed) the t-interval
+    has no width and measures no uncertainty, so the sign test decides: verdict = sign_verdict (no significant
+    difference where it has no untied cell) and tests_agree is None.
     """
     cells = list(cells)
     a, b = _cell_values(cells, metric, method), _cell_values(cells, metric, baseline)
@@ -331,21 +337,24 @@ def paired_comparison(cells: Iterable[dict], metric: str, method: str, baseline:
     per_seed = {s: float(np.mean(v)) for s, v in by_seed.items()}
     t = t_interval(list(per_seed.values()), conf=conf)
     sign = sign_test([r["diff"] for r in per_cell])
-    if t["low"] is None:
-        verdict = "not enough data"
-    elif t["low"] > 0:
-        verdict = "higher"
-    elif t["high"] < 0:
-        verdict = "lower"
-    else:
-        verdict = "no significant difference"
     if sign["p"] is None:
         sign_verdict = "not enough data"
     elif sign["p"] < alpha:
         sign_verdict = "higher" if sign["positive"] > sign["negative"] else "lower"
     else:
         sign_verdict = "no significant difference"
-    agree = None if "not enough data" in (verdict, sign_verdict) else verdict == sign_verdict
+    no_width = t["low"] is not None and t["sd"] <= _NOISE * max(1.0, abs(t["mean"])) and abs(t["mean"]) > _NOISE
+    if t["low"] is None:
+        verdict = "not enough data"
+    elif no_width:
+        verdict = "no significant difference" if sign_verdict == "not enough data" else sign_verdict
+    elif t["low"] > 0:
+        verdict = "higher"
+    elif t["high"] < 0:
+        verdict = "lower"
+    else:
+        verdict = "no significant difference"
+    agree = None if no_width or "not enough data" in (verdict, sign_verdict) else verdict == sign_verdict
     mean = (lambda xs: float(np.mean(xs)) if xs else None)
     return {
         "metric": metric, "method": method, "baseline": baseline, "conf": conf,
@@ -353,14 +362,17 @@ def paired_comparison(cells: Iterable[dict], metric: str, method: str, baseline:
         "per_cell": per_cell, "mean_diff": mean([r["diff"] for r in per_cell]),
         "method_mean": mean([r["method"] for r in per_cell]), "baseline_mean": mean([r["baseline"] for r in per_cell]),
         "per_seed": per_seed, "t": t, "sign": sign,
-        "verdict": verdict, "sign_verdict": sign_verdict, "tests_agree": agree,
+        "verdict": verdict, "sign_verdict": sign_verdict, "tests_agree": agree, "t_no_width": no_width,
     }
 
 
 def fmt_num(x: float | None, digits: int = 3) -> str:
-    """A number for a table or sentence: `digits` decimals, two significant digits when smaller; None -> n/a."""
+    """A number for a table or sentence: `digits` decimals, two significant digits when smaller (rounding noise below
+    _NOISE is 0); None -> n/a."""
     if x is None:
         return "n/a"
+    if abs(x) < _NOISE:
+        x = 0.0
     if x != 0 and abs(x) < 0.5 * 10**-digits:
         return f"{x:.2g}"
     return f"{x:.{digits}f}"
@@ -393,10 +405,13 @@ def verdict_sentence(comp: dict, label: str | None = None) -> str:
                        f"{sign}).")
     interval = (f"{pct} t-interval over {comp['n_seeds']} seeds [{fmt_num(t['low'])}, {fmt_num(t['high'])}]; "
                 f"{sign}; {cells}")
+    if comp.get("t_no_width"):  # every seed the same difference: the sign test decides (paired_comparison)
+        interval = (f"the t-interval over {comp['n_seeds']} seeds has no width, every seed's domain-averaged "
+                    f"difference being the same, so the sign test decides: {sign}; {cells}")
     disagree = "" if comp["tests_agree"] is not False else \
         f" The sign test reads it differently ({comp['sign_verdict']})."
     if comp["verdict"] in ("higher", "lower"):
         return (head + f"{m} is {comp['verdict']} than {b} by {fmt_num(abs(t['mean']))} "
                 f"({interval})." + disagree)
     return (head + f"{m} shows no significant difference from {b} (mean difference "
-            f"{'+' if t['mean'] >= 0 else ''}{fmt_num(t['mean'])}, {interval})." + disagree)
+            f"{'+' if t['mean'] >= 0 or abs(t['mean']) < _NOISE else ''}{fmt_num(t['mean'])}, {interval})." + disagree)

@@ -199,7 +199,8 @@ def comparison_table(comps: list[dict]) -> str:
         s = c["sign"]
         sign = f"{s['positive']}/{s['n']}, p = {fmt_p(s['p'])}" + (f" ({s['ties']} tied)" if s["ties"] else "")
         rows.append([c["metric"], endpoint_kind(c["metric"]), c["method"], c["baseline"], _signed(c["mean_diff"]),
-                     _interval(c["t"]), c["n_seeds"], sign, c["n_cells"], c["verdict"]])
+                     _interval(c["t"]), c["n_seeds"], sign, c["n_cells"],
+                     c["verdict"] + (" (sign test: the t-interval has no width)" if c.get("t_no_width") else "")])
     head = ["metric", "endpoint", "method", "baseline", "mean diff", "95% t-interval over seeds", "seeds",
             "sign test (higher/untied, p)", "n cells", "verdict (t-interval)"]
     return "\n".join(_table(head, rows))
@@ -596,7 +597,8 @@ def render_report(results: Results | dict, plots: list[str], directory: Path) ->
     L.append(f"Primary endpoints (fixed before any run): {', '.join(PRIMARY)}. Secondary: {', '.join(SECONDARY)}. "
              "Each sentence comes from a paired comparison over (seed, domain) cells: the 95% t-interval over seeds "
              "of the domain-averaged difference decides (above 0: higher, below 0: lower, else no significant "
-             "difference); the sign test over cells is reported beside it.")
+             "difference); the sign test over cells is reported beside it, and decides where the t-interval has "
+             "no width (every seed the same difference, a discrete count).")
     L.append("")
     prim = verdict_lines(results, metrics=PRIMARY)
     sec = verdict_lines(results, metrics=SECONDARY)
