@@ -135,6 +135,13 @@ def test_report_sections_in_order_with_n_and_no_frontier_with_one_beta(tmp_path)
     assert "the film \\| was" in md and "ok ⏎ fine" in md and "…" in md  # escaped, joined, truncated
     assert "grad_ratio" in md and "5.000 → 1.000" in md and "before 0.015, after 0.380" in md
     assert "`meta.outer_lr=0.0001`" in md
+    # a count is a count: warm-rm's M candidates render as 3 and 5, not 3.000
+    res["selection"]["warm-rm"] = {"criterion": "pair_accuracy", "best": {"field.warm_members": 3}, "folds": ["m1", "m2"],
+                                   "candidates": [{"field.warm_members": 3, "pair_accuracy": 0.73},
+                                                  {"field.warm_members": 5, "pair_accuracy": 0.724}]}
+    md = render_report(res, plots, tmp_path)
+    assert "criterion `pair_accuracy` over the left-out meta-train domains m1, m2; chosen" in md
+    assert "| 0 | 3 | 0.730 |" in md and "| 1 | 5 | 0.724 |" in md and "`field.warm_members=3`" in md
     # the paired comparisons table: meta-rm vs erm-rm on pl_accuracy over 9 cells, all 9 higher
     row = next(l for l in md.splitlines() if l.startswith("| pl_accuracy | primary | meta-rm | erm-rm |"))
     assert "| 9 | higher |" in row

@@ -275,10 +275,10 @@ def _provenance(results: Results) -> str:
 def _render_value(v: Any) -> str:
     if v is None:
         return "n/a"
-    if isinstance(v, bool):
+    if isinstance(v, (bool, int)):  # a count or a switch (field.warm_members: 3, not 3.000)
         return str(v)
-    if isinstance(v, (int, float)):
-        return fmt_num(float(v))
+    if isinstance(v, float):
+        return fmt_num(v)
     if isinstance(v, list):
         nums = [float(x) for x in v if isinstance(x, (int, float)) and not isinstance(x, bool)]
         if nums and len(nums) == len(v):
@@ -534,7 +534,8 @@ def _selection_lines(results: Results) -> list[str]:
     L = []
     for m, s in sel.items():
         best = s.get("best") or {}
-        L += [f"- **{m}**: criterion `{s.get('criterion')}`; chosen: "
+        folds = f" over the left-out meta-train domains {', '.join(s['folds'])}" if s.get("folds") else ""
+        L += [f"- **{m}**: criterion `{s.get('criterion')}`{folds}; chosen: "
               + (", ".join(f"`{k}={v}`" for k, v in best.items()) or "n/a") + "."]
         cands = s.get("candidates") or []
         if cands and all(isinstance(c, dict) for c in cands):
