@@ -378,6 +378,13 @@ def fmt_num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
+def fmt_signed(x: float | None, digits: int = 3) -> str:
+    """fmt_num with its sign: +0.012, -0.004, +0.000 for 0 and for rounding noise of either sign; None -> n/a."""
+    if x is None:
+        return "n/a"
+    return ("" if x < 0 and abs(x) >= _NOISE else "+") + fmt_num(x, digits)
+
+
 def fmt_p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.2g}"
 
@@ -414,4 +421,4 @@ def verdict_sentence(comp: dict, label: str | None = None) -> str:
         return (head + f"{m} is {comp['verdict']} than {b} by {fmt_num(abs(t['mean']))} "
                 f"({interval})." + disagree)
     return (head + f"{m} shows no significant difference from {b} (mean difference "
-            f"{'+' if t['mean'] >= 0 or abs(t['mean']) < _NOISE else ''}{fmt_num(t['mean'])}, {interval})." + disagree)
+            f"{fmt_signed(t['mean'])}, {interval})." + disagree)

@@ -32,6 +32,7 @@ from oodpl.evaluation.stats import (
     endpoint_kind,
     fmt_num,
     fmt_p,
+    fmt_signed,
     paired_cluster_bootstrap,
     paired_comparison,
     verdict_sentence,
@@ -118,10 +119,6 @@ def _interval(ci: dict, digits: int = 3) -> str:
     return f"[{fmt_num(ci['low'], digits)}, {fmt_num(ci['high'], digits)}]"
 
 
-def _signed(x: float | None) -> str:
-    return "n/a" if x is None else ("+" if x >= 0 else "") + fmt_num(x)
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -198,7 +195,8 @@ def comparison_table(comps: list[dict]) -> str:
     for c in comps:
         s = c["sign"]
         sign = f"{s['positive']}/{s['n']}, p = {fmt_p(s['p'])}" + (f" ({s['ties']} tied)" if s["ties"] else "")
-        rows.append([c["metric"], endpoint_kind(c["metric"]), c["method"], c["baseline"], _signed(c["mean_diff"]),
+        rows.append([c["metric"], endpoint_kind(c["metric"]), c["method"], c["baseline"],
+                     fmt_signed(c["mean_diff"]),
                      _interval(c["t"]), c["n_seeds"], sign, c["n_cells"],
                      c["verdict"] + (" (sign test: the t-interval has no width)" if c.get("t_no_width") else "")])
     head = ["metric", "endpoint", "method", "baseline", "mean diff", "95% t-interval over seeds", "seeds",
@@ -330,7 +328,7 @@ def _per_domain_lines(results: Results) -> list[str]:
                            f"{b.get('units', 'n/a')} / {b.get('clusters', 'n/a')}"]
                     for base in baselines:
                         pb = None if m == base else _paired_boot(c, lk.get((s, d, base)), k)
-                        row.append("—" if pb is None else f"{_signed(pb['mean'])} {_interval(pb)}")
+                        row.append("—" if pb is None else f"{fmt_signed(pb['mean'])} {_interval(pb)}")
                     rows.append(row)
             if rows:
                 L += [f"**{k}** ({endpoint_kind(k)}): value per cell, 95% prompt-clustered bootstrap interval, and "

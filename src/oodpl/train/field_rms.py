@@ -227,12 +227,12 @@ def response_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Callable
                    ) -> torch.Tensor:
     """Per row, the sum of the labelled tokens' log-probabilities: log pi(response | prompt) through the LM head
     (0 for a row without labels, as GRM's get_batch_logps gives it)."""
-    out = hidden.new_zeros(hidden.shape[0], dtype=torch.float32) + hidden.sum() * 0.0
+    zeros = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
     got = _labelled_logits(hidden, labels, lm_head)
-    if got is None:
-        return out
+    if got is None:  # still a function of hidden, as causal_lm_loss's zero is
+        return zeros + hidden.sum() * 0.0
     logits, y, rows = got
-    return out.index_add(0, rows, logits.log_softmax(-1).gather(1, y[:, None])[:, 0])
+    return zeros.index_add(0, rows, logits.log_softmax(-1).gather(1, y[:, None])[:, 0])
 
 
 def decoder_lm_head(rm) -> Callable[[torch.Tensor], torch.Tensor]:
